@@ -1,0 +1,318 @@
+//! Applies batches under the sync root. One worker thread applies every
+//! batch of every session in arrival order, so two sessions never race on a
+//! path.
+//!
+//! Invariant 1: nothing outside the root is written, deleted or followed.
+//! Every wire path passes [`paths::components`]; every parent directory on
+//! the way is checked with `lstat` to be a real directory (never a symlink);
+//! the last component is replaced by `rename`, which does not follow links.
+//! Tar entries other than files, directories and in-root symlinks are
+//! refused.
+//!
+//! Invariant 2: a file is written to a temporary name beside its target and
+//! renamed into place, so a reader sees the old content or the new, never
+//! half of either.
+
+use devloop_agent::paths;
+use devloop_agent::protocol::{PathError, TEMP_PREFIX};
+use devloop_agent::transport::BlockingStreamReader;
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// One batch handed to the worker.
+pub struct Job {
+    pub deletes: Vec<String>,
+    pub archive: Option<BlockingStreamReader>,
+    pub done: oneshot::Sender<Outcome>,
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub written: u64,
+    pub deleted: u64,
+    pub bytes: u64,
+    pub errors: Vec<PathError>,
+    pub apply_us: u64,
+}
+
+/// Starts the worker thread; batches go in through the returned sender.
+pub fn start(root: PathBuf) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("apply".into())
+        .spawn(move || {
+            for job in rx {
+                let out = apply(&root, job.deletes, job.archive);
+                let _ = job.done.send(out);
+            }
+        })
+        // Failing to start a thread at startup leaves nothing to serve.
+        .expect("spawn apply thread");
+    tx
+}
+
+fn apply(root: &Path, deletes: Vec<String>, archive: Option<BlockingStreamReader>) -> Outcome {
+    let t0 = Instant::now();
+    let mut out = Outcome::default();
+    for d in deletes {
+        match delete(root, &d) {
+            Ok(true) => out.deleted += 1,
+            Ok(false) => {}
+            Err(message) => out.errors.push(PathError { path: d, message }),
+        }
+    }
+    if let Some(mut reader) = archive {
+        apply_archive(root, &mut reader, &mut out);
+        // Whatever happened, consume the rest so the sender finishes.
+        reader.drain();
+    }
+    out.apply_us = t0.elapsed().as_micros() as u64;
+    out
+}
+
+fn apply_archive(root: &Path, reader: &mut BlockingStreamReader, out: &mut Outcome) {
+    let mut ar = tar::Archive::new(reader);
+    let entries = match ar.entries() {
+        Ok(e) => e,
+        Err(e) => {
+            out.errors.push(PathError {
+                path: String::new(),
+                message: format!("unreadable archive: {e}"),
+            });
+            return;
+        }
+    };
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                // The stream itself is broken: nothing after this point can
+                // be trusted to be framed correctly.
+                out.errors.push(PathError {
+                    path: String::new(),
+                    message: format!("archive is corrupt or truncated: {e}"),
+                });
+                return;
+            }
+        };
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        match apply_entry(root, &raw, &mut entry) {
+            Ok(Some(bytes)) => {
+                out.written += 1;
+                out.bytes += bytes;
+            }
+            Ok(None) => out.written += 1,
+            Err(message) => out.errors.push(PathError {
+                path: shown,
+                message,
+            }),
+        }
+    }
+}
+
+/// Applies one tar entry; returns the bytes written for a file.
+fn apply_entry<R: Read>(
+    root: &Path,
+    raw: &[u8],
+    entry: &mut tar::Entry<R>,
+) -> Result<Option<u64>, String> {
+    use tar::EntryType as T;
+    let kind = entry.header().entry_type();
+    let mut path = std::str::from_utf8(raw).map_err(|_| "path is not valid UTF-8".to_string())?;
+    if kind == T::Directory {
+        path = path.strip_suffix('/').unwrap_or(path);
+    }
+    let comps = paths::components(path).map_err(|e| e.to_string())?;
+    let (name, parents) = comps.split_last().ok_or("empty path")?;
+    let dir = ensure_dirs(root, parents)?;
+    let target = dir.join(name);
+    let mode = entry
+        .header()
+        .mode()
+        .map_err(|e| format!("bad mode: {e}"))?
+        & 0o777;
+    match kind {
+        T::Regular | T::Continuous => {
+            let n =
+                write_file(&dir, &target, entry, mode).map_err(|e| format!("write failed: {e}"))?;
+            Ok(Some(n))
+        }
+        T::Directory => {
+            match std::fs::symlink_metadata(&target) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    // A file or symlink where a directory belongs: replace it
+                    // (removing a symlink does not follow it).
+                    std::fs::remove_file(&target).map_err(|e| e.to_string())?;
+                    std::fs::create_dir(&target).map_err(|e| e.to_string())?;
+                }
+                Err(_) => std::fs::create_dir(&target).map_err(|e| e.to_string())?,
+            }
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode | 0o700))
+                .map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        T::Symlink => {
+            let link = entry
+                .link_name_bytes()
+                .ok_or("symlink without a target")?
+                .into_owned();
+            let link = std::str::from_utf8(&link)
+                .map_err(|_| "symlink target is not valid UTF-8".to_string())?;
+            paths::check_link_target(path, link).map_err(|e| e.to_string())?;
+            let tmp = temp_name(&dir);
+            std::os::unix::fs::symlink(link, &tmp).map_err(|e| e.to_string())?;
+            replace(&tmp, &target).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                e.to_string()
+            })?;
+            Ok(None)
+        }
+        T::Link => Err("hard links are not synced (only files, directories and symlinks)".into()),
+        T::Char | T::Block | T::Fifo => Err("device and fifo entries are not synced".into()),
+        other => Err(format!(
+            "tar entry type {:?} is not synced",
+            other.as_byte() as char
+        )),
+    }
+}
+
+/// Makes sure every parent exists as a real directory under the root;
+/// refuses to pass through a symlink or a file. Returns the last one.
+fn ensure_dirs(root: &Path, parents: &[&str]) -> Result<PathBuf, String> {
+    let mut p = root.to_path_buf();
+    for (i, c) in parents.iter().enumerate() {
+        p.push(c);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "parent `{}` is a symlink; refusing to write through it",
+                    parents[..=i].join("/")
+                ))
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "parent `{}` is not a directory",
+                    parents[..=i].join("/")
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&p)
+                .map_err(|e| format!("cannot create `{}`: {e}", parents[..=i].join("/")))?,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(p)
+}
+
+fn temp_name(dir: &Path) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    dir.join(format!(
+        "{TEMP_PREFIX}{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn write_file(dir: &Path, target: &Path, src: &mut impl Read, mode: u32) -> io::Result<u64> {
+    let tmp = temp_name(dir);
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let n = io::copy(src, &mut f)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        drop(f);
+        replace(&tmp, target)?;
+        Ok(n)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Renames `tmp` over `target`. An empty directory in the way is removed;
+/// a non-empty one is an error (it holds paths devloop does not own).
+fn replace(tmp: &Path, target: &Path) -> io::Result<()> {
+    match std::fs::rename(tmp, target) {
+        Err(e) if target.is_dir() && !target.is_symlink() => match std::fs::remove_dir(target) {
+            Ok(()) => std::fs::rename(tmp, target),
+            Err(_) => Err(io::Error::new(
+                e.kind(),
+                "a non-empty directory is in the way",
+            )),
+        },
+        r => r,
+    }
+}
+
+/// Deletes one path. A directory is removed only when empty: what is left in
+/// it belongs to someone else (excluded paths, files the app wrote).
+/// Returns whether something was removed.
+fn delete(root: &Path, wire: &str) -> Result<bool, String> {
+    let comps = paths::components(wire).map_err(|e| e.to_string())?;
+    let (name, parents) = comps.split_last().ok_or("empty path")?;
+    let mut p = root.to_path_buf();
+    for (i, c) in parents.iter().enumerate() {
+        p.push(c);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "parent `{}` is a symlink; refusing to delete through it",
+                    parents[..=i].join("/")
+                ))
+            }
+            // Nothing can exist below a missing parent or a file.
+            _ => return Ok(false),
+        }
+    }
+    p.push(name);
+    match std::fs::symlink_metadata(&p) {
+        Err(_) => Ok(false),
+        Ok(m) if m.is_dir() => match std::fs::remove_dir(&p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        },
+        Ok(_) => std::fs::remove_file(&p)
+            .map(|_| true)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_never_follows_a_symlinked_parent() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("victim"), "keep").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        assert!(delete(root.path(), "link/victim").is_err());
+        assert!(outside.path().join("victim").exists());
+        // Deleting the link itself removes the link, not its target.
+        assert_eq!(delete(root.path(), "link"), Ok(true));
+        assert!(outside.path().join("victim").exists());
+    }
+
+    #[test]
+    fn delete_keeps_non_empty_directories() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("d/excluded")).unwrap();
+        assert_eq!(delete(root.path(), "d"), Ok(false));
+        assert!(root.path().join("d/excluded").exists());
+        assert_eq!(delete(root.path(), "missing/x"), Ok(false));
+    }
+}

@@ -1,0 +1,187 @@
+//! devloop-agent: runs inside the target (a pod, a container, a directory on
+//! this machine), applies file batches under its sync root, runs post-sync
+//! commands and the app process, and speaks the devloop protocol over stdio
+//! or a loopback TCP port.
+
+mod apply;
+mod run;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: devloop-agent serve --root DIR (--stdio | --listen 127.0.0.1:PORT)
+                           [--token-file PATH | --token-stdin]
+       devloop-agent version
+
+The session token comes from the DEVLOOP_AGENT_TOKEN environment variable,
+a file (--token-file), or the first line of stdin (--token-stdin, with
+--stdio); never from the command line, where other users could read it.";
+
+enum Listen {
+    Stdio,
+    Tcp(SocketAddr),
+}
+
+struct Args {
+    root: PathBuf,
+    listen: Listen,
+    token_file: Option<PathBuf>,
+    token_stdin: bool,
+}
+
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    match it.next().as_deref() {
+        Some("serve") => {}
+        Some("version") | Some("--version") => return Ok(None),
+        Some(other) => return Err(format!("unknown command `{other}`")),
+        None => return Err("missing command".into()),
+    }
+    let (mut root, mut listen, mut token_file, mut token_stdin) = (None, None, None, false);
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--root" => root = Some(PathBuf::from(val("--root")?)),
+            "--stdio" => listen = Some(Listen::Stdio),
+            "--listen" => {
+                let v = val("--listen")?;
+                let addr: SocketAddr = v.parse().map_err(|_| {
+                    format!("--listen wants IP:PORT such as 127.0.0.1:7777, not `{v}`")
+                })?;
+                // Invariant 4: the control port is reachable from inside the
+                // pod only; the CLI reaches it through a port-forward.
+                if !addr.ip().is_loopback() {
+                    return Err(format!(
+                        "--listen {addr}: the agent only listens on loopback (127.0.0.1 or ::1)"
+                    ));
+                }
+                listen = Some(Listen::Tcp(addr));
+            }
+            "--token-file" => token_file = Some(PathBuf::from(val("--token-file")?)),
+            "--token-stdin" => token_stdin = true,
+            "--token" => return Err(
+                "--token is not accepted: pass the token in DEVLOOP_AGENT_TOKEN or --token-file"
+                    .into(),
+            ),
+            other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    let root = root.ok_or("--root DIR is required")?;
+    let listen = listen.ok_or("one of --stdio or --listen 127.0.0.1:PORT is required")?;
+    if token_stdin && !matches!(listen, Listen::Stdio) {
+        return Err("--token-stdin only works with --stdio".into());
+    }
+    Ok(Some(Args {
+        root,
+        listen,
+        token_file,
+        token_stdin,
+    }))
+}
+
+fn read_token(args: &Args) -> Result<String, String> {
+    let tok = if let Some(f) = &args.token_file {
+        std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read --token-file {}: {e}", f.display()))?
+    } else if args.token_stdin {
+        let mut line = Vec::new();
+        // Byte by byte, so that nothing after the newline is consumed: the
+        // WebSocket handshake follows on the same stdin.
+        let mut b = [0u8; 1];
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        while stdin.read(&mut b).map_err(|e| e.to_string())? == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+            if line.len() > 4096 {
+                return Err("--token-stdin: first line longer than 4096 bytes".into());
+            }
+        }
+        String::from_utf8(line).map_err(|_| "--token-stdin: token is not UTF-8")?
+    } else {
+        std::env::var(devloop_agent::protocol::TOKEN_ENV).map_err(|_| {
+            format!(
+                "no session token: set {} or pass --token-file",
+                devloop_agent::protocol::TOKEN_ENV
+            )
+        })?
+    };
+    let tok = tok.trim().to_string();
+    if tok.is_empty() {
+        return Err("the session token is empty".into());
+    }
+    Ok(tok)
+}
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!(
+                "devloop-agent {} protocol {}",
+                devloop_agent::VERSION,
+                devloop_agent::protocol::PROTOCOL_VERSION
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("devloop-agent: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let token = match read_token(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("devloop-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Children (the app, post-sync commands) must not inherit the token.
+    // Safe here: no other thread exists yet.
+    std::env::remove_var(devloop_agent::protocol::TOKEN_ENV);
+    if let Err(e) = std::fs::create_dir_all(&args.root) {
+        eprintln!(
+            "devloop-agent: cannot create sync root {}: {e}",
+            args.root.display()
+        );
+        return ExitCode::from(2);
+    }
+    let root = match std::fs::canonicalize(&args.root) {
+        Ok(r) if r.is_dir() => r,
+        Ok(r) => {
+            eprintln!(
+                "devloop-agent: sync root {} is not a directory",
+                r.display()
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("devloop-agent: sync root {}: {e}", args.root.display());
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("devloop-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(server::run(server::Config {
+        root,
+        token,
+        stdio: matches!(args.listen, Listen::Stdio),
+        addr: match args.listen {
+            Listen::Tcp(a) => Some(a),
+            Listen::Stdio => None,
+        },
+    }));
+    // Do not wait for blocked stdin readers: the session is over.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}

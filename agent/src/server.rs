@@ -1,0 +1,383 @@
+//! Accepts sessions (stdio: exactly one; TCP: any number, each in its own
+//! task) and serves each: index requests, batches, app control.
+//!
+//! Per session, one task reads [`Incoming`] and owns the stream table; it
+//! never blocks: indexing runs on a blocking thread, batches go to the apply
+//! worker, commands to the session's post-sync task.
+
+use crate::{apply, run};
+use devloop_agent::index::{self, WalkOptions};
+use devloop_agent::protocol::{Control, ErrorCode, PROTOCOL_VERSION};
+use devloop_agent::transport::{
+    self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound,
+};
+use devloop_agent::{paths, VERSION};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+pub struct Config {
+    pub root: PathBuf,
+    pub token: String,
+    pub stdio: bool,
+    pub addr: Option<SocketAddr>,
+}
+
+/// What every session shares.
+struct Shared {
+    root: PathBuf,
+    token: String,
+    apply: std::sync::mpsc::Sender<apply::Job>,
+    app: run::AppHandle,
+}
+
+pub async fn run(cfg: Config) -> ExitCode {
+    let shared = Arc::new(Shared {
+        apply: apply::start(cfg.root.clone()),
+        app: run::start_app_manager(cfg.root.clone()),
+        root: cfg.root,
+        token: cfg.token,
+    });
+    let stop = shutdown_signal();
+    let code = if cfg.stdio {
+        eprintln!(
+            "devloop-agent {VERSION} protocol {PROTOCOL_VERSION} serving on stdio root {}",
+            shared.root.display()
+        );
+        let io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+        tokio::select! {
+            r = session(io, shared.clone(), "stdio".into()) => if r { ExitCode::SUCCESS } else { ExitCode::FAILURE },
+            _ = stop => ExitCode::SUCCESS,
+        }
+    } else {
+        // Parsing guarantees an address when not on stdio.
+        let addr = cfg.addr.expect("listen address");
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("devloop-agent: cannot listen on {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| addr.to_string());
+        // The readiness line: the CLI (or a port-forward) waits for it.
+        println!(
+            "devloop-agent {VERSION} protocol {PROTOCOL_VERSION} listening on {local} root {}",
+            shared.root.display()
+        );
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                a = listener.accept() => match a {
+                    Ok((sock, peer)) => {
+                        let _ = sock.set_nodelay(true);
+                        tokio::spawn(session(sock, shared.clone(), peer.to_string()));
+                    }
+                    Err(e) => eprintln!("devloop-agent: accept failed: {e}"),
+                },
+                _ = &mut stop => break ExitCode::SUCCESS,
+            }
+        }
+    };
+    shared.app.shutdown().await;
+    code
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Serves one session; returns whether it ended cleanly.
+async fn session<S>(io: S, shared: Arc<Shared>, peer: String) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ws = match transport::accept(io, &shared.token, VERSION).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            eprintln!("devloop-agent: rejected session from {peer}: {e}");
+            return false;
+        }
+    };
+    let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
+    let _ = out.control(Control::Hello {
+        agent_version: VERSION.into(),
+        protocol: PROTOCOL_VERSION,
+        root: shared.root.display().to_string(),
+        pid: std::process::id(),
+    });
+    let mut app_events = shared.app.subscribe();
+    let post_sync = start_post_sync(shared.clone(), out.clone());
+    let mut streams: HashMap<u32, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let end = loop {
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            ev = app_events.recv() => {
+                match ev {
+                    Ok(c) => { let _ = out.control(c); }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = out.control(Control::Error { code: ErrorCode::Request, message: format!("{n} lines of app output dropped (client too slow)"), fatal: false });
+                    }
+                    Err(_) => {}
+                }
+                continue;
+            }
+        };
+        let Some(item) = item else { break End::Eof };
+        match item {
+            Incoming::Ended(e) => break e,
+            Incoming::Data { stream, bytes } => match streams.get(&stream) {
+                Some(tx) => {
+                    let last = bytes.is_empty();
+                    let _ = tx.send(bytes);
+                    if last {
+                        streams.remove(&stream);
+                    }
+                }
+                None => {
+                    let m = format!("data for stream {stream}, which no batch announced");
+                    fatal(&out, &m);
+                    break End::Protocol(m);
+                }
+            },
+            Incoming::Control(c) => match c {
+                Control::IndexRequest { id, under, prune } => {
+                    tokio::spawn(send_index(
+                        shared.root.clone(),
+                        id,
+                        under,
+                        prune,
+                        out.clone(),
+                    ));
+                }
+                Control::Batch {
+                    id,
+                    deletes,
+                    stream,
+                    commands,
+                    restart,
+                } => {
+                    let archive = match stream {
+                        Some(s) if streams.contains_key(&s) => {
+                            let m = format!("batch {id} reuses stream {s}, which is still open");
+                            fatal(&out, &m);
+                            break End::Protocol(m);
+                        }
+                        Some(s) => {
+                            let (reader, tx) = BlockingStreamReader::new(s, out.clone());
+                            streams.insert(s, tx);
+                            Some(reader)
+                        }
+                        None => None,
+                    };
+                    let (done, result) = tokio::sync::oneshot::channel();
+                    if shared
+                        .apply
+                        .send(apply::Job {
+                            deletes,
+                            archive,
+                            done,
+                        })
+                        .is_err()
+                    {
+                        fatal(&out, "the apply worker is gone");
+                        break End::Io("apply worker stopped".into());
+                    }
+                    let out = out.clone();
+                    let post_sync = post_sync.clone();
+                    tokio::spawn(async move {
+                        let Ok(o) = result.await else { return };
+                        let changed = o.written + o.deleted > 0;
+                        let _ = out.control(Control::Applied {
+                            id,
+                            written: o.written,
+                            deleted: o.deleted,
+                            bytes: o.bytes,
+                            errors: o.errors,
+                            apply_us: o.apply_us,
+                        });
+                        if !commands.is_empty() || (restart && changed) {
+                            let _ = post_sync.send(PostSync {
+                                batch: id,
+                                commands,
+                                restart: restart && changed,
+                            });
+                        }
+                    });
+                }
+                Control::AppConfigure { app } => shared.app.configure(app),
+                Control::Credit { .. } => {}
+                other => {
+                    let m = format!("unexpected message from a client: {}", kind_of(&other));
+                    fatal(&out, &m);
+                    break End::Protocol(m);
+                }
+            },
+        }
+    };
+    let clean = matches!(
+        end,
+        End::Closed {
+            code: close_code::NORMAL,
+            ..
+        } | End::Closed {
+            code: close_code::SHUTDOWN,
+            ..
+        }
+    );
+    if !clean {
+        eprintln!("devloop-agent: session {peer} ended: {end}");
+    }
+    // Dropping the stream senders ends any half-received archive with an
+    // error: its files stay as they were (temporaries are removed).
+    drop(streams);
+    clean
+}
+
+fn fatal(out: &Outbound, message: &str) {
+    let _ = out.control(Control::Error {
+        code: ErrorCode::Protocol,
+        message: message.to_string(),
+        fatal: true,
+    });
+    out.close(
+        close_code::PROTOCOL,
+        message.chars().take(120).collect::<String>(),
+    );
+}
+
+fn kind_of(c: &Control) -> String {
+    serde_json::to_value(c)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(String::from))
+        .unwrap_or_default()
+}
+
+/// Walks and hashes the requested trees and sends the index in parts small
+/// enough to interleave with other traffic.
+async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<String>, out: Outbound) {
+    for u in under.iter().chain(prune.iter()) {
+        if !u.is_empty() {
+            if let Err(e) = paths::components(u) {
+                let _ = out.control(Control::Error {
+                    code: ErrorCode::Request,
+                    message: format!("index of `{u}`: {e}"),
+                    fatal: false,
+                });
+                let _ = out.control(Control::IndexPart {
+                    id,
+                    entries: vec![],
+                    done: true,
+                });
+                return;
+            }
+        }
+    }
+    let entries = tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        let mut skipped = Vec::new();
+        let mut keep = |wire: &str, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
+        for u in &under {
+            // A base that is a symlink is not followed (invariant 1).
+            let base = if u.is_empty() {
+                root.clone()
+            } else {
+                paths::join(&root, u).unwrap_or_else(|_| root.clone())
+            };
+            if !u.is_empty()
+                && std::fs::symlink_metadata(&base)
+                    .map(|m| !m.is_dir())
+                    .unwrap_or(true)
+            {
+                continue;
+            }
+            index::walk(
+                &base,
+                u,
+                &mut keep,
+                WalkOptions {
+                    clean_stale_temps: true,
+                },
+                &mut found,
+                &mut skipped,
+            );
+        }
+        index::hash_all(found, &mut skipped)
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    // ~256 KiB of JSON per part.
+    let mut part = Vec::new();
+    let mut size = 0;
+    for e in entries {
+        size += e.path.len() + 80;
+        part.push(e);
+        if size > 256 << 10 {
+            let _ = out.control(Control::IndexPart {
+                id,
+                entries: std::mem::take(&mut part),
+                done: false,
+            });
+            size = 0;
+        }
+    }
+    let _ = out.control(Control::IndexPart {
+        id,
+        entries: part,
+        done: true,
+    });
+}
+
+struct PostSync {
+    batch: u64,
+    commands: Vec<devloop_agent::protocol::CommandSpec>,
+    restart: bool,
+}
+
+/// Runs post-sync work in order. Work that piles up while a command runs is
+/// merged: each distinct command once, one restart.
+fn start_post_sync(shared: Arc<Shared>, out: Outbound) -> mpsc::UnboundedSender<PostSync> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<PostSync>();
+    tokio::spawn(async move {
+        while let Some(mut job) = rx.recv().await {
+            while let Ok(more) = rx.try_recv() {
+                job.batch = more.batch;
+                for c in more.commands {
+                    if !job.commands.contains(&c) {
+                        job.commands.push(c);
+                    }
+                }
+                job.restart |= more.restart;
+            }
+            let o = out.clone();
+            let ok = run::run_commands(&shared.root, job.batch, &job.commands, move |c| {
+                let _ = o.control(c);
+            })
+            .await;
+            // A failed command (say, a build) leaves the app as it is.
+            if job.restart && ok {
+                shared.app.restart();
+            }
+        }
+    });
+    tx
+}
