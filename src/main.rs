@@ -1,1 +1,181 @@
-fn main() {}
+//! The `devloop` command line.
+
+use clap::{Parser, Subcommand};
+use devloop::config::{self, Config};
+use devloop::events::{self, Format, Kind, Reporter};
+use devloop::session::{self, Mode, Outcome};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit codes, documented in the README: editors and scripts rely on them.
+mod exit {
+    /// Everything in sync (or stopped cleanly by the user).
+    pub const OK: u8 = 0;
+    /// Some paths could not be synced.
+    pub const NOT_IN_SYNC: u8 = 1;
+    /// The configuration is invalid (or the command line).
+    pub const CONFIG: u8 = 2;
+    /// A target could not be reached.
+    pub const UNREACHABLE: u8 = 3;
+}
+
+#[derive(Parser)]
+#[command(name = "devloop", version, about = "Hot sync into running containers and pods, with an in-target agent")]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, short = 'c', global = true, default_value = config::DEFAULT_FILE)]
+    config: PathBuf,
+    /// Print events as NDJSON (one JSON object per line) for editors and scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sync, then follow every change until Ctrl-C (the main job).
+    Watch {
+        /// Only these services (default: all).
+        services: Vec<String>,
+    },
+    /// Sync once and exit; the exit code says whether the target is in sync.
+    Sync {
+        /// Required: sync once and exit (`devloop watch` follows changes).
+        #[arg(long)]
+        once: bool,
+        /// Only these services (default: all).
+        services: Vec<String>,
+    },
+    /// Check devloop.yaml and print what it resolves to.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::CONFIG } else { exit::OK });
+        }
+    };
+    let format = if cli.json { Format::Json } else { Format::Plain };
+    let cfg = match config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            report_fatal(format, &e.to_string(), e.hint.as_deref(), Some(&e));
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let (mode, only) = match cli.command {
+        Command::Watch { services } => (Mode::Watch, services),
+        Command::Sync { once: true, services } => (Mode::Once, services),
+        Command::Sync { once: false, .. } => {
+            report_fatal(format, "`devloop sync` needs --once", Some("use `devloop sync --once` to sync and exit, or `devloop watch` to follow changes"), None);
+            return ExitCode::from(exit::CONFIG);
+        }
+        Command::Check => {
+            for s in &cfg.services {
+                println!("{}: {} ({} sync rules, {} post-sync commands, app: {})", s.name, s.target.describe(), s.rules.len(), s.on_sync.len(), if s.app.is_some() { "yes" } else { "no" });
+            }
+            return ExitCode::from(exit::OK);
+        }
+    };
+    let cfg = match select(cfg, &only) {
+        Ok(c) => c,
+        Err(m) => {
+            report_fatal(format, &m, Some("name services defined in devloop.yaml"), None);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            report_fatal(format, &format!("cannot start the runtime: {e}"), None, None);
+            return ExitCode::FAILURE;
+        }
+    };
+    ExitCode::from(rt.block_on(run(cfg, mode, format)))
+}
+
+fn select(mut cfg: Config, only: &[String]) -> Result<Config, String> {
+    if only.is_empty() {
+        return Ok(cfg);
+    }
+    for name in only {
+        if !cfg.services.iter().any(|s| &s.name == name) {
+            let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!("no service `{name}` in {} (services: {})", cfg.file.display(), known.join(", ")));
+        }
+    }
+    cfg.services.retain(|s| only.contains(&s.name));
+    Ok(cfg)
+}
+
+/// Reports an error that stops devloop before any service runs.
+fn report_fatal(format: Format, message: &str, hint: Option<&str>, cfg: Option<&config::ConfigError>) {
+    match format {
+        Format::Json => {
+            let mut v = serde_json::json!({
+                "ts": events::now_ms(),
+                "service": "",
+                "type": "error",
+                "message": message.lines().next().unwrap_or(message),
+                "hint": hint,
+            });
+            if let Some(c) = cfg {
+                v["file"] = serde_json::json!(c.file.display().to_string());
+                v["line"] = serde_json::json!(c.line);
+                v["column"] = serde_json::json!(c.column);
+                v["key"] = serde_json::json!(c.key);
+                v["message"] = serde_json::json!(c.message);
+            }
+            println!("{v}");
+        }
+        Format::Plain => {
+            eprintln!("devloop: error: {message}");
+            if cfg.is_none() {
+                if let Some(h) = hint {
+                    eprintln!("  hint: {h}");
+                }
+            }
+        }
+    }
+}
+
+async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let printer = tokio::spawn(events::print(ev_rx, format));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Ctrl-C and SIGTERM stop every service cleanly.
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            let _ = stop_tx.send(true);
+        }
+    });
+    let mut tasks = Vec::new();
+    for svc in cfg.services {
+        let rep = Reporter::new(&svc.name, ev_tx.clone());
+        let name = svc.name.clone();
+        tasks.push((name, tokio::spawn(session::run(svc, mode, rep, stop_rx.clone()))));
+    }
+    let mut code = exit::OK;
+    for (name, t) in tasks {
+        let outcome = t.await.unwrap_or(Outcome::Unreachable);
+        let c = match outcome {
+            Outcome::InSync | Outcome::Stopped => exit::OK,
+            Outcome::PathErrors(_) => exit::NOT_IN_SYNC,
+            Outcome::Unreachable => exit::UNREACHABLE,
+        };
+        if c != exit::OK {
+            let _ = ev_tx.send(events::Event { ts: events::now_ms(), service: name, kind: Kind::Warning { message: format!("{outcome:?}") } });
+        }
+        code = code.max(c);
+    }
+    signals.abort();
+    drop(ev_tx);
+    let _ = printer.await;
+    code
+}

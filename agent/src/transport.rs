@@ -451,6 +451,14 @@ impl Credits {
     pub fn finish(&mut self, stream: u32) {
         self.windows.remove(&stream);
     }
+
+    /// The connection ended: wake every sender waiting for credit with an
+    /// error instead of leaving it waiting forever.
+    pub fn close_all(&mut self) {
+        for (_, s) in self.windows.drain() {
+            s.close();
+        }
+    }
 }
 
 /// Sends one data stream within its credit window.

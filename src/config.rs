@@ -1,0 +1,728 @@
+//! `devloop.yaml`: parsing, validation and the resolved configuration.
+//!
+//! Errors name the file, the line and the key, and say what to write
+//! instead. Structural errors come from serde_yaml (which knows where it
+//! was); errors found after parsing (a missing directory, overlapping sync
+//! rules) are located by [`locate`], which walks the YAML text by
+//! indentation.
+
+use devloop_agent::paths;
+use devloop_agent::protocol::{AppSpec, CommandSpec};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The file devloop reads when `--config` is not given.
+pub const DEFAULT_FILE: &str = "devloop.yaml";
+
+/// A problem with the configuration, located as precisely as possible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted key path, e.g. `services.web.sync[0].from`.
+    pub key: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        write!(f, ": ")?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------- raw schema
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    version: Option<u32>,
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    target: Option<RawTarget>,
+    sync: Vec<RawRule>,
+    #[serde(default)]
+    on_sync: Vec<RawTrigger>,
+    #[serde(default)]
+    app: Option<RawApp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetMap {
+    #[serde(default)]
+    local: Option<RawLocal>,
+    #[serde(default)]
+    exec: Option<RawExec>,
+}
+
+/// `target: local` or `target: {local: {...}}` / `{exec: {...}}`.
+#[derive(Debug)]
+struct RawTarget(RawTargetMap);
+
+impl<'de> Deserialize<'de> for RawTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawTarget;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`local`, or a map with one of `local` or `exec`")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawTarget, E> {
+                match s {
+                    "local" => Ok(RawTarget(RawTargetMap { local: Some(RawLocal::default()), exec: None })),
+                    "exec" => Err(E::custom("the exec target needs a command: write `exec: {command: [...]}`")),
+                    other => Err(E::unknown_variant(other, &["local", "exec"])),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<RawTarget, A::Error> {
+                RawTargetMap::deserialize(de::value::MapAccessDeserializer::new(m)).map(RawTarget)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    #[serde(default)]
+    root: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    command: Vec<String>,
+    #[serde(default)]
+    token: Option<TokenVia>,
+}
+
+/// How the exec target hands the session token to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenVia {
+    /// In `DEVLOOP_AGENT_TOKEN` of the command's environment
+    /// (`docker exec -e DEVLOOP_AGENT_TOKEN ...` passes it on).
+    Env,
+    /// As the first line of the command's stdin (the agent needs
+    /// `--token-stdin`); works over ssh, which does not pass environment.
+    Stdin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    from: String,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    when: OneOrMany,
+    run: RawCommand,
+    #[serde(default)]
+    workdir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    run: RawCommand,
+    #[serde(default)]
+    workdir: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default = "yes")]
+    restart: bool,
+    #[serde(default)]
+    restart_when: Option<OneOrMany>,
+    #[serde(default)]
+    grace_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A string (run through `sh -c`) or a list (run directly).
+#[derive(Debug)]
+enum RawCommand {
+    Shell(String),
+    Argv(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawCommand {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawCommand;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a command: a string for `sh -c`, or a list like [npm, start]")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawCommand, E> {
+                Ok(RawCommand::Shell(s.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, s: A) -> Result<RawCommand, A::Error> {
+                Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(s)).map(RawCommand::Argv)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One glob or a list of them.
+#[derive(Debug)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a glob or a list of globs")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![s.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, s: A) -> Result<OneOrMany, A::Error> {
+                Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(s)).map(OneOrMany)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ------------------------------------------------------------ resolved config
+
+/// The whole configuration, validated, with paths made absolute.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub target: Target,
+    pub rules: Vec<SyncRule>,
+    pub on_sync: Vec<Trigger>,
+    pub app: Option<App>,
+}
+
+/// Where a service's agent runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A child process of devloop on this machine, syncing into `root`.
+    Local { root: PathBuf },
+    /// Whatever `command` starts; its stdio is the agent's.
+    Exec { command: Vec<String>, token: TokenVia },
+}
+
+impl Target {
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Local { root } => format!("local:{}", root.display()),
+            Target::Exec { command, .. } => format!("exec:{}", command.first().map(String::as_str).unwrap_or("")),
+        }
+    }
+}
+
+/// Source directory → directory under the target's root.
+#[derive(Debug, Clone)]
+pub struct SyncRule {
+    pub from: PathBuf,
+    /// Wire path under the target root; "" is the root itself.
+    pub to: String,
+    pub exclude: Vec<String>,
+}
+
+/// A post-sync command and the paths that trigger it.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub when: PathMatcher,
+    pub command: CommandSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub spec: AppSpec,
+    pub restart: bool,
+    /// Restart only when a changed path matches; None = any change.
+    pub restart_when: Option<PathMatcher>,
+}
+
+/// Globs over target-relative paths. A glob with no `/` matches the file
+/// name at any depth (`*.go`, `package.json`); one with a `/` matches the
+/// whole path (`src/**/*.rs`), as in `.gitignore`.
+#[derive(Debug, Clone)]
+pub struct PathMatcher {
+    names: GlobSet,
+    paths: GlobSet,
+    pub patterns: Vec<String>,
+}
+
+impl PathMatcher {
+    fn new(patterns: &[String]) -> Result<PathMatcher, (usize, String)> {
+        let mut names = GlobSetBuilder::new();
+        let mut full = GlobSetBuilder::new();
+        for (i, p) in patterns.iter().enumerate() {
+            let trimmed = p.trim_start_matches('/');
+            if trimmed.contains('/') {
+                let g = GlobBuilder::new(trimmed).literal_separator(true).build().map_err(|e| (i, e.to_string()))?;
+                full.add(g);
+            } else {
+                names.add(Glob::new(trimmed).map_err(|e| (i, e.to_string()))?);
+            }
+        }
+        let names = names.build().map_err(|e| (0, e.to_string()))?;
+        let paths = full.build().map_err(|e| (0, e.to_string()))?;
+        Ok(PathMatcher { names, paths, patterns: patterns.to_vec() })
+    }
+
+    /// Does a target-relative wire path match?
+    pub fn is_match(&self, wire: &str) -> bool {
+        let name = wire.rsplit('/').next().unwrap_or(wire);
+        self.names.is_match(name) || self.paths.is_match(wire)
+    }
+}
+
+// ------------------------------------------------------------------ loading
+
+/// Reads and validates a config file.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let src = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_path_buf(),
+        line: None,
+        column: None,
+        key: String::new(),
+        message: format!("cannot read the config: {e}"),
+        hint: Some(if e.kind() == std::io::ErrorKind::NotFound {
+            format!("create a {DEFAULT_FILE} (see the README's reference), or pass --config PATH")
+        } else {
+            "check the file's permissions".into()
+        }),
+    })?;
+    parse(file, &src)
+}
+
+/// Parses and validates config text; `file` locates relative paths and
+/// names the file in errors.
+pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
+    let raw: RawFile = serde_yaml::from_str(src).map_err(|e| from_yaml_error(file, src, &e))?;
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let v = Validator { file, src };
+    if let Some(ver) = raw.version {
+        if ver != 1 {
+            return Err(v.err(&["version"], format!("unsupported version {ver}"), Some("write `version: 1` or leave it out")));
+        }
+    }
+    if raw.services.is_empty() {
+        return Err(v.err(&["services"], "no services defined".into(), Some("add a service: see the README's devloop.yaml reference")));
+    }
+    let mut services = Vec::new();
+    for (name, rs) in raw.services {
+        services.push(v.service(&dir, &name, rs)?);
+    }
+    Ok(Config { file: file.to_path_buf(), services })
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    src: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: &[&str], message: String, hint: Option<&str>) -> ConfigError {
+        let line = locate(self.src, key);
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column: None,
+            key: dotted(key),
+            message,
+            hint: hint.map(String::from),
+        }
+    }
+
+    fn service(&self, dir: &Path, name: &str, rs: RawService) -> Result<Service, ConfigError> {
+        let k = |rest: &[&str]| -> Vec<String> {
+            let mut v = vec!["services".to_string(), name.to_string()];
+            v.extend(rest.iter().map(|s| s.to_string()));
+            v
+        };
+        let key = |rest: &[&str]| k(rest);
+        let e = |rest: &[&str], msg: String, hint: Option<&str>| {
+            let kk = key(rest);
+            let refs: Vec<&str> = kk.iter().map(String::as_str).collect();
+            self.err(&refs, msg, hint)
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(e(&[], format!("service name `{name}` may only use letters, digits, `-` and `_`"), None));
+        }
+        let target = match rs.target.map(|t| t.0).unwrap_or_default() {
+            RawTargetMap { local: Some(_), exec: Some(_) } => {
+                return Err(e(&["target"], "give one target, not both `local` and `exec`".into(), None))
+            }
+            RawTargetMap { exec: Some(x), .. } => {
+                if x.command.is_empty() {
+                    return Err(e(
+                        &["target", "exec", "command"],
+                        "empty command".into(),
+                        Some("give the command that runs the agent on its stdio, e.g. [docker, exec, -i, -e, DEVLOOP_AGENT_TOKEN, CONTAINER, devloop-agent, serve, --stdio, --root, /app]"),
+                    ));
+                }
+                Target::Exec { command: x.command, token: x.token.unwrap_or(TokenVia::Env) }
+            }
+            RawTargetMap { local, .. } => {
+                let root = local.and_then(|l| l.root).unwrap_or_else(|| format!(".devloop/targets/{name}"));
+                Target::Local { root: absolute(dir, &root) }
+            }
+        };
+        if rs.sync.is_empty() {
+            return Err(e(&["sync"], "no sync rules".into(), Some("add `- from: ./src` (and `to: path/in/target`)")));
+        }
+        let mut rules: Vec<SyncRule> = Vec::new();
+        for (i, r) in rs.sync.into_iter().enumerate() {
+            let idx = i.to_string();
+            let from = absolute(dir, &r.from);
+            let from = match std::fs::canonicalize(&from) {
+                Ok(p) if p.is_dir() => p,
+                Ok(_) => return Err(e(&["sync", &idx, "from"], format!("`{}` is not a directory", r.from), Some("sync rules copy directories; give the directory that holds the file"))),
+                Err(_) => {
+                    return Err(e(
+                        &["sync", &idx, "from"],
+                        format!("directory `{}` does not exist (looked in {})", r.from, from.display()),
+                        Some("paths are relative to the directory of devloop.yaml"),
+                    ))
+                }
+            };
+            let to_raw = r.to.unwrap_or_else(|| ".".into());
+            let to = normalize_to(&to_raw).map_err(|m| e(&["sync", &idx, "to"], m, Some("write a path relative to the target's root, like `.` or `src`")))?;
+            for (j, pat) in r.exclude.iter().enumerate() {
+                if let Err(err) = ignore::gitignore::GitignoreBuilder::new(&from).add_line(None, pat) {
+                    return Err(e(&["sync", &idx, "exclude", &j.to_string()], format!("bad pattern `{pat}`: {err}"), Some("excludes use .gitignore syntax")));
+                }
+            }
+            if let Some((j, other)) = rules.iter().enumerate().find(|(_, o)| paths::is_within(&o.to, &to) || paths::is_within(&to, &o.to)) {
+                return Err(e(
+                    &["sync", &idx, "to"],
+                    format!("`{to_raw}` overlaps sync rule {j} (to: `{}`)", if other.to.is_empty() { "." } else { &other.to }),
+                    Some("give each rule its own directory in the target"),
+                ));
+            }
+            if let Target::Local { root } = &target {
+                if root.starts_with(&from) || from.starts_with(root) {
+                    return Err(e(
+                        &["sync", &idx, "from"],
+                        format!("the source `{}` and the local target root `{}` contain one another", from.display(), root.display()),
+                        Some("put the target root outside the synced directory, e.g. under .devloop/"),
+                    ));
+                }
+            }
+            rules.push(SyncRule { from, to, exclude: r.exclude });
+        }
+        let mut on_sync = Vec::new();
+        for (i, t) in rs.on_sync.into_iter().enumerate() {
+            let idx = i.to_string();
+            if t.when.0.is_empty() {
+                return Err(e(&["on_sync", &idx, "when"], "no globs".into(), Some("e.g. `when: package.json`")));
+            }
+            let when = PathMatcher::new(&t.when.0).map_err(|(j, m)| e(&["on_sync", &idx, "when"], format!("bad glob `{}`: {m}", t.when.0[j]), None))?;
+            let command = command_spec(t.run, t.workdir).map_err(|(k, m)| e(&["on_sync", &idx, k], m, None))?;
+            on_sync.push(Trigger { when, command });
+        }
+        let app = match rs.app {
+            None => None,
+            Some(a) => {
+                let command = command_spec(a.run, a.workdir).map_err(|(k, m)| e(&["app", k], m, None))?;
+                let restart_when = match a.restart_when {
+                    None => None,
+                    Some(w) => Some(PathMatcher::new(&w.0).map_err(|(j, m)| e(&["app", "restart_when"], format!("bad glob `{}`: {m}", w.0[j]), None))?),
+                };
+                Some(App {
+                    spec: AppSpec { command, env: a.env.into_iter().collect(), grace_ms: a.grace_ms.unwrap_or(2000) },
+                    restart: a.restart,
+                    restart_when,
+                })
+            }
+        };
+        Ok(Service { name: name.to_string(), target, rules, on_sync, app })
+    }
+}
+
+fn command_spec(run: RawCommand, workdir: Option<String>) -> Result<CommandSpec, (&'static str, String)> {
+    let workdir = match workdir {
+        None => String::new(),
+        Some(w) => normalize_to(&w).map_err(|m| ("workdir", m))?,
+    };
+    match run {
+        RawCommand::Shell(s) if s.trim().is_empty() => Err(("run", "empty command".into())),
+        RawCommand::Shell(s) => Ok(CommandSpec { shell: Some(s), argv: vec![], workdir }),
+        RawCommand::Argv(v) if v.is_empty() || v[0].is_empty() => Err(("run", "empty command".into())),
+        RawCommand::Argv(v) => Ok(CommandSpec { shell: None, argv: v, workdir }),
+    }
+}
+
+/// A target-relative directory in wire form; "." and "" are the root.
+fn normalize_to(s: &str) -> Result<String, String> {
+    let t = s.trim().trim_start_matches("./").trim_end_matches('/');
+    if t.is_empty() || t == "." {
+        return Ok(String::new());
+    }
+    paths::components(t).map(|_| t.to_string()).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn absolute(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p.strip_prefix("./").unwrap_or(p))
+    }
+}
+
+fn dotted<S: AsRef<str>>(key: &[S]) -> String {
+    let mut out = String::new();
+    for k in key {
+        let k = k.as_ref();
+        if k.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{k}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(k);
+        }
+    }
+    out
+}
+
+/// Turns a serde_yaml error into a located [`ConfigError`] with a hint.
+fn from_yaml_error(file: &Path, src: &str, e: &serde_yaml::Error) -> ConfigError {
+    let text = e.to_string();
+    // serde_yaml renders "path.to.key: message at line L column C".
+    let text = match text.rfind(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    };
+    let (key, message) = match text.split_once(": ") {
+        Some((k, m)) if !k.contains(' ') && !k.is_empty() => (k.to_string(), m.to_string()),
+        _ => (String::new(), text.clone()),
+    };
+    let (mut line, column) = match e.location() {
+        Some(l) => (Some(l.line()), Some(l.column())),
+        None => (None, None),
+    };
+    let mut hint = None;
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((bad, tail)) = rest.split_once('`') {
+            let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            hint = Some(match closest(bad, &expected) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None if !expected.is_empty() => format!("valid keys here: {}", expected.join(", ")),
+                None => "remove this key".to_string(),
+            });
+        }
+    } else if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some((bad, tail)) = rest.split_once('`') {
+            let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            if let Some(s) = closest(bad, &expected) {
+                hint = Some(format!("did you mean `{s}`?"));
+            }
+        }
+    } else if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`');
+        hint = Some(match field {
+            "sync" => "every service needs `sync:` with at least one `- from: DIR` rule".into(),
+            "services" => "the file needs a top-level `services:` map".into(),
+            "from" => "a sync rule needs `from:` (a directory relative to devloop.yaml)".into(),
+            "run" => "add `run:` with a command (a string, or a list like [npm, start])".into(),
+            "when" => "add `when:` with the globs that trigger the command".into(),
+            "command" => "the exec target needs `command:` (a list)".into(),
+            f => format!("add `{f}:`"),
+        });
+        // serde_yaml points at the end of the map; the key path is better.
+        if !key.is_empty() {
+            let parts: Vec<String> = key_path_parts(&key);
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            line = locate(src, &refs).or(line);
+        }
+    } else if message.starts_with("invalid type") {
+        hint = Some("check the value's shape against the README's devloop.yaml reference".into());
+    }
+    ConfigError { file: file.to_path_buf(), line, column, key, message, hint }
+}
+
+fn key_path_parts(key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let mut p = part;
+        while let Some(i) = p.find('[') {
+            if i > 0 {
+                out.push(p[..i].to_string());
+            }
+            let end = p[i..].find(']').map_or(p.len(), |j| i + j);
+            out.push(p[i + 1..end].to_string());
+            p = &p[(end + 1).min(p.len())..];
+        }
+        if !p.is_empty() {
+            out.push(p.to_string());
+        }
+    }
+    out
+}
+
+/// The candidate within edit distance 2 (or a third of the length) of `s`.
+fn closest<'a>(s: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(s, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Finds the 1-based line of a key path (`["services", "web", "sync", "0",
+/// "from"]`) in block-style YAML; the deepest part found wins, so a path
+/// whose last key is absent points at its parent.
+pub fn locate<S: AsRef<str>>(src: &str, key: &[S]) -> Option<usize> {
+    let lines: Vec<&str> = src.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_blank = |l: &str| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#')
+    };
+    // (line index, indent of the block's children must exceed this)
+    let mut start = 0usize;
+    let mut parent_indent: isize = -1;
+    let mut found = None;
+    for seg in key {
+        let seg = seg.as_ref();
+        let mut hit = None;
+        if let Ok(n) = seg.parse::<usize>() {
+            let mut count = 0;
+            for (i, l) in lines.iter().enumerate().skip(start) {
+                if is_blank(l) {
+                    continue;
+                }
+                let ind = indent(l) as isize;
+                if i > start && ind <= parent_indent && !l.trim_start().starts_with("- ") {
+                    break;
+                }
+                if ind > parent_indent - 1 && l.trim_start().starts_with("- ") || l.trim_start() == "-" {
+                    if count == n {
+                        hit = Some((i, ind + 1));
+                        break;
+                    }
+                    count += 1;
+                }
+            }
+        } else {
+            for (i, l) in lines.iter().enumerate().skip(start) {
+                if is_blank(l) {
+                    continue;
+                }
+                let ind = indent(l) as isize;
+                if i > start && ind <= parent_indent {
+                    break;
+                }
+                let body = l.trim_start().trim_start_matches("- ");
+                let k = body.split(':').next().unwrap_or("").trim().trim_matches('"').trim_matches('\'');
+                if k == seg && body.contains(':') {
+                    let key_indent = ind + (l.trim_start().len() - body.len()) as isize;
+                    hit = Some((i, key_indent));
+                    break;
+                }
+            }
+        }
+        match hit {
+            Some((i, ind)) => {
+                found = Some(i + 1);
+                start = i;
+                parent_indent = ind;
+            }
+            None => break,
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_nested_keys() {
+        let src = "services:\n  web:\n    sync:\n      - from: a\n        to: x\n      - from: b\n    app:\n      run: x\n";
+        assert_eq!(locate(src, &["services", "web", "sync", "1", "from"]), Some(6));
+        assert_eq!(locate(src, &["services", "web", "sync", "0", "to"]), Some(5));
+        assert_eq!(locate(src, &["services", "web", "app", "run"]), Some(8));
+        assert_eq!(locate(src, &["services", "web", "nope"]), Some(2));
+    }
+
+    #[test]
+    fn matcher_globs() {
+        let m = PathMatcher::new(&["package.json".into(), "src/**/*.rs".into()]).unwrap();
+        assert!(m.is_match("package.json"));
+        assert!(m.is_match("sub/package.json"));
+        assert!(m.is_match("src/a/b.rs"));
+        assert!(!m.is_match("lib/a.rs"));
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(closest("syn", &["target", "sync", "on_sync", "app"]), Some("sync"));
+        assert_eq!(closest("zzzzzz", &["target", "sync"]), None);
+        assert_eq!(key_path_parts("services.web.sync[0].from"), vec!["services", "web", "sync", "0", "from"]);
+    }
+}

@@ -1,0 +1,166 @@
+//! The event bus: every part reports what happens as an [`Event`]; the
+//! front-ends (plain lines, NDJSON, later the dashboard) only subscribe.
+//!
+//! The NDJSON form (`--json`) is a stable interface for editors and scripts,
+//! documented in `docs/events.md`: one object per line with `ts` (Unix
+//! milliseconds), `service` and `type`; fields are only ever added.
+
+use serde::Serialize;
+use std::io::Write;
+use tokio::sync::mpsc;
+
+/// One thing that happened, to one service (or to devloop itself when
+/// `service` is empty).
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub ts: u64,
+    pub service: String,
+    #[serde(flatten)]
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Kind {
+    /// Starting (or restarting) the agent on a target.
+    AgentStarting { target: String },
+    /// A session with the agent is open.
+    AgentConnected { agent_version: String, pid: u32, root: String },
+    /// The session ended; `reason` says how.
+    AgentLost { reason: String },
+    /// Will try again after `in_ms`.
+    Reconnecting { attempt: u32, in_ms: u64 },
+    /// A line the agent printed on its stderr.
+    AgentLog { line: String },
+    /// Watching this many directories.
+    Watching { dirs: usize },
+    /// A batch is on its way.
+    SyncStarted { batch: u64, initial: bool, files: u64, deletes: u64, bytes: u64 },
+    /// A batch has landed. `latency_ms` runs from the first change seen (live)
+    /// or the start of the sync (initial) to the agent's acknowledgement.
+    SyncApplied { batch: u64, initial: bool, written: u64, deleted: u64, bytes: u64, latency_ms: f64 },
+    /// One path could not be synced.
+    SyncError { path: String, message: String },
+    /// The target matches the source (after the initial sync).
+    InSync { files: u64, dirs: u64, checked_ms: f64 },
+    CommandStarted { command: String },
+    CommandOutput { command: String, stream: String, line: String },
+    CommandExited { command: String, code: Option<i32>, ms: u64 },
+    AppStarted { pid: u32 },
+    AppOutput { stream: String, line: String },
+    AppExited { code: Option<i32> },
+    AppStopped,
+    AppFailed { message: String },
+    Warning { message: String },
+    /// Something failed; `hint` says what to do.
+    Error { message: String, hint: Option<String> },
+}
+
+/// Sends events for one service.
+#[derive(Clone)]
+pub struct Reporter {
+    service: String,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Reporter {
+    pub fn new(service: &str, tx: mpsc::UnboundedSender<Event>) -> Reporter {
+        Reporter { service: service.to_string(), tx }
+    }
+
+    pub fn send(&self, kind: Kind) {
+        let _ = self.tx.send(Event { ts: now_ms(), service: self.service.clone(), kind });
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Plain,
+    Json,
+}
+
+/// Prints events until every sender is gone. Returns how many errors (sync
+/// errors and failures) were seen, for the exit code.
+pub async fn print(mut rx: mpsc::UnboundedReceiver<Event>, format: Format) -> u64 {
+    let mut errors = 0;
+    while let Some(ev) = rx.recv().await {
+        if matches!(ev.kind, Kind::SyncError { .. } | Kind::Error { .. }) {
+            errors += 1;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = match format {
+            Format::Json => {
+                // Plain data: serializing it cannot fail.
+                serde_json::to_writer(&mut out, &ev).expect("event serializes");
+                writeln!(out)
+            }
+            Format::Plain => writeln!(out, "{}", plain(&ev)),
+        };
+        let _ = out.flush();
+    }
+    errors
+}
+
+/// One human-readable line.
+pub fn plain(ev: &Event) -> String {
+    let who = if ev.service.is_empty() { "devloop".to_string() } else { ev.service.clone() };
+    let body = match &ev.kind {
+        Kind::AgentStarting { target } => format!("starting agent on {target}"),
+        Kind::AgentConnected { agent_version, pid, root } => {
+            format!("agent {agent_version} connected (pid {pid}, root {root})")
+        }
+        Kind::AgentLost { reason } => format!("agent connection lost: {reason}"),
+        Kind::Reconnecting { attempt, in_ms } => format!("reconnecting in {in_ms} ms (attempt {attempt})"),
+        Kind::AgentLog { line } => format!("agent: {line}"),
+        Kind::Watching { dirs } => format!("watching {dirs} directories"),
+        Kind::SyncStarted { initial, files, deletes, bytes, .. } => format!(
+            "{} {files} files ({}), {deletes} deletions",
+            if *initial { "initial sync: sending" } else { "sending" },
+            human_bytes(*bytes)
+        ),
+        Kind::SyncApplied { initial, written, deleted, bytes, latency_ms, .. } => format!(
+            "{}synced {written} written, {deleted} deleted ({}) in {latency_ms:.1} ms",
+            if *initial { "initial sync: " } else { "" },
+            human_bytes(*bytes)
+        ),
+        Kind::SyncError { path, message } => format!("error: {path}: {message}"),
+        Kind::InSync { files, dirs, checked_ms } => {
+            format!("in sync: {files} files, {dirs} directories (checked in {checked_ms:.0} ms)")
+        }
+        Kind::CommandStarted { command } => format!("running `{command}`"),
+        Kind::CommandOutput { line, .. } => format!("  | {line}"),
+        Kind::CommandExited { command, code, ms } => match code {
+            Some(0) => format!("`{command}` done in {ms} ms"),
+            Some(c) => format!("`{command}` failed with exit code {c} after {ms} ms"),
+            None => format!("`{command}` was killed after {ms} ms"),
+        },
+        Kind::AppStarted { pid } => format!("app started (pid {pid})"),
+        Kind::AppOutput { line, .. } => format!("app | {line}"),
+        Kind::AppExited { code } => match code {
+            Some(c) => format!("app exited with code {c}"),
+            None => "app was killed by a signal".into(),
+        },
+        Kind::AppStopped => "app stopped".into(),
+        Kind::AppFailed { message } => format!("app failed to start: {message}"),
+        Kind::Warning { message } => format!("warning: {message}"),
+        Kind::Error { message, hint } => match hint {
+            Some(h) => format!("error: {message}\n  hint: {h}"),
+            None => format!("error: {message}"),
+        },
+    };
+    format!("[{who}] {body}")
+}
+
+pub fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}

@@ -1,0 +1,169 @@
+//! One service's life: start its agent, open a session, sync by content,
+//! then follow changes; when the session is lost (agent killed, pod
+//! restarted, link dropped), start again with backoff and resync by content.
+
+use crate::config::Service;
+use crate::events::{Kind, Reporter};
+use crate::link::{Link, LinkError};
+use crate::sync::{Engine, LiveEnd};
+use crate::target::{self, TargetError};
+use crate::watch::Watch;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a stopping agent gets to exit by itself before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// One-shot sync or follow changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Once,
+    Watch,
+}
+
+/// How a service's run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The target matched the source when devloop stopped (or, for
+    /// `--once`, after the sync).
+    InSync,
+    /// Some paths failed to sync.
+    PathErrors(usize),
+    /// The agent could not be started or reached.
+    Unreachable,
+    /// Stopped by the user.
+    Stopped,
+}
+
+/// A random session token (128 bits from the kernel).
+pub fn new_token() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok();
+    if !ok {
+        // No /dev/urandom: fall back to time and pid, still unguessable
+        // enough for a loopback-only, short-lived session.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        b.copy_from_slice(&(t ^ (std::process::id() as u128) << 64).to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub async fn run(svc: Service, mode: Mode, rep: Reporter, mut shutdown: watch::Receiver<bool>) -> Outcome {
+    let (watcher, mut changes) = match mode {
+        Mode::Watch => match Watch::new() {
+            Ok((w, rx)) => (Some(w), Some(rx)),
+            Err(e) => {
+                rep.send(Kind::Error { message: format!("cannot start the file watcher: {e}"), hint: Some("check fs.inotify.max_user_instances".into()) });
+                return Outcome::Unreachable;
+            }
+        },
+        Mode::Once => (None, None),
+    };
+    let mut engine = Engine::new(svc, rep.clone(), watcher);
+    let mut attempt: u32 = 0;
+    loop {
+        if *shutdown.borrow() {
+            return Outcome::Stopped;
+        }
+        let token = new_token();
+        let started = match target::start(&engine.service().target, &token, &rep).await {
+            Ok(s) => s,
+            Err(e) => {
+                let fatal = matches!(e, TargetError::AgentNotFound { .. });
+                rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+                if fatal || mode == Mode::Once {
+                    return Outcome::Unreachable;
+                }
+                if backoff(&rep, &mut attempt, &mut shutdown).await {
+                    return Outcome::Stopped;
+                }
+                continue;
+            }
+        };
+        let process = started.process;
+        let mut link = match Link::open(started.io, &token, rep.clone()).await {
+            Ok(l) => l,
+            Err(e) => {
+                rep.send(Kind::Error { message: error_chain(&e), hint: link_hint(&e) });
+                process.stop(Duration::from_millis(500)).await;
+                if mode == Mode::Once || matches!(e, LinkError::Connect(_)) {
+                    return Outcome::Unreachable;
+                }
+                if backoff(&rep, &mut attempt, &mut shutdown).await {
+                    return Outcome::Stopped;
+                }
+                continue;
+            }
+        };
+        rep.send(Kind::AgentConnected { agent_version: link.agent_version.clone(), pid: link.pid, root: link.root.clone() });
+        let result = async {
+            let errors = engine.initial_sync(&mut link).await?;
+            link.configure_app(engine.service().app.as_ref().map(|a| a.spec.clone()));
+            if mode == Mode::Once {
+                return Ok(if errors == 0 { Outcome::InSync } else { Outcome::PathErrors(errors) });
+            }
+            attempt = 0;
+            // Watch mode always has a change receiver.
+            let changes = changes.as_mut().expect("watch mode");
+            match engine.live(&mut link, changes, &mut shutdown).await? {
+                LiveEnd::Shutdown => Ok(Outcome::Stopped),
+                LiveEnd::Lost(r) => Err(LinkError::Lost(r)),
+            }
+        }
+        .await;
+        match result {
+            Ok(outcome) => {
+                link.close();
+                drop(link);
+                process.stop(STOP_GRACE).await;
+                return outcome;
+            }
+            Err(e) => {
+                rep.send(Kind::AgentLost { reason: error_chain(&e) });
+                drop(link);
+                process.stop(Duration::from_millis(500)).await;
+                if mode == Mode::Once {
+                    return Outcome::Unreachable;
+                }
+                if backoff(&rep, &mut attempt, &mut shutdown).await {
+                    return Outcome::Stopped;
+                }
+            }
+        }
+    }
+}
+
+/// Waits before the next attempt (200 ms doubling to 5 s). Returns true
+/// when shutdown was requested meanwhile.
+async fn backoff(rep: &Reporter, attempt: &mut u32, shutdown: &mut watch::Receiver<bool>) -> bool {
+    *attempt += 1;
+    let ms = (200u64 << (*attempt - 1).min(5)).min(5000);
+    rep.send(Kind::Reconnecting { attempt: *attempt, in_ms: ms });
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+fn link_hint(e: &LinkError) -> Option<String> {
+    match e {
+        LinkError::Connect(_) => Some("install matching versions of devloop and devloop-agent".into()),
+        LinkError::Timeout(_) | LinkError::Lost(_) => {
+            Some("the agent's own messages (agent: ...) above say why; check target in devloop.yaml".into())
+        }
+        LinkError::Agent(_) => None,
+    }
+}
+
+/// An error and its sources, in one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

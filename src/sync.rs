@@ -1,0 +1,739 @@
+//! The sync engine of one service.
+//!
+//! The engine keeps a *model* of what the target holds (path → kind, size,
+//! mode, hash), built from the agent's index at the start of a session and
+//! updated from the agent's acknowledgements. File events are only hints of
+//! where to look: each dirty path is compared, by content, with the model,
+//! and only differences travel. So a lost, duplicated or reordered event
+//! never makes the target wrong, an editor's save that changes nothing sends
+//! nothing, and after an overflow a rescan of the source against the model
+//! puts everything right.
+//!
+//! Batching: the first change goes out at once (no quiet period); changes
+//! arriving while a batch is in flight pile up in the dirty set and form the
+//! next batch. A `git checkout` storm therefore becomes a few batches.
+
+use crate::config::{PathMatcher, Service};
+use crate::events::{Kind, Reporter};
+use crate::filter::Filter;
+use crate::link::{Applied, Link, LinkError};
+use crate::watch::{Change, Watch};
+use devloop_agent::index::{self, Found, Skipped, WalkOptions};
+use devloop_agent::paths;
+use devloop_agent::protocol::{CommandSpec, Entry, EntryKind};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Files up to this size are read once, when examined, and sent from memory.
+const READ_AHEAD_MAX: u64 = 16 << 20;
+/// Batches that fit in this many bytes are built in memory, on the engine's
+/// task: the fast path for a single edit.
+const INLINE_BATCH_MAX: u64 = 1 << 20;
+/// Initial syncs are cut into batches of about this many bytes, so that
+/// progress is visible and one failure does not cost everything.
+const BATCH_BYTES_MAX: u64 = 256 << 20;
+/// Deletions per batch (keeps control messages well under the frame limit).
+const BATCH_DELETES_MAX: usize = 10_000;
+
+/// One rule's source side.
+struct Rule {
+    from: PathBuf,
+    to: String,
+    filter: Filter,
+}
+
+/// A path to send.
+#[derive(Debug, Clone)]
+struct Write_ {
+    wire: String,
+    abs: PathBuf,
+    kind: EntryKind,
+    mode: u32,
+    size: u64,
+    link: Option<String>,
+    /// Content already read (and its hash), for small files.
+    content: Option<(Vec<u8>, u64)>,
+}
+
+#[derive(Default)]
+struct Plan {
+    writes: Vec<Write_>,
+    deletes: Vec<String>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// Why the live loop stopped.
+pub enum LiveEnd {
+    Shutdown,
+    Lost(String),
+}
+
+pub struct Engine {
+    svc: Service,
+    rules: Vec<Rule>,
+    model: BTreeMap<String, Entry>,
+    rep: Reporter,
+    watch: Option<Watch>,
+    warned: HashSet<String>,
+    batches: u64,
+}
+
+/// What one batch achieved.
+pub struct BatchOutcome {
+    pub errors: usize,
+}
+
+impl Engine {
+    /// `watch` is None for a one-shot sync.
+    pub fn new(svc: Service, rep: Reporter, watch: Option<Watch>) -> Engine {
+        let rules = svc
+            .rules
+            .iter()
+            .map(|r| Rule { from: r.from.clone(), to: r.to.clone(), filter: Filter::new(&r.from, &r.exclude) })
+            .collect::<Vec<_>>();
+        let mut e = Engine { svc, rules, model: BTreeMap::new(), rep, watch, warned: HashSet::new(), batches: 0 };
+        let warnings: Vec<String> = e.rules.iter_mut().flat_map(|r| std::mem::take(&mut r.filter.warnings)).collect();
+        for w in warnings {
+            e.warn(w);
+        }
+        e
+    }
+
+    fn warn(&mut self, message: String) {
+        if self.warned.insert(message.clone()) {
+            self.rep.send(Kind::Warning { message });
+        }
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.svc
+    }
+
+    /// Walks every rule's source tree (adding watches as it goes), returning
+    /// what it found and the ignored directories it did not enter.
+    fn scan_source(&mut self) -> (Vec<Found>, Vec<String>) {
+        let mut found = Vec::new();
+        let mut pruned = Vec::new();
+        let mut skipped: Vec<Skipped> = Vec::new();
+        let mut watch_errors = Vec::new();
+        for rule in &mut self.rules {
+            if let Some(w) = &mut self.watch {
+                if let Err(e) = w.add(&rule.from) {
+                    watch_errors.push(format!("cannot watch {}: {e}", rule.from.display()));
+                }
+            }
+            walk_rule(rule, &rule.from.clone(), &rule.to.clone(), &mut self.watch, &mut found, &mut pruned, &mut skipped, &mut watch_errors);
+        }
+        for s in skipped {
+            self.warn(format!("skipped {}: {}", s.abs.display(), s.reason));
+        }
+        for e in watch_errors.into_iter().take(3) {
+            self.warn(format!("{e} (raise fs.inotify.max_user_watches, or exclude large directories)"));
+        }
+        let found = found
+            .into_iter()
+            .filter(|f| match &f.link {
+                Some(t) if paths::check_link_target(&f.path, t).is_err() => {
+                    if self.warned.insert(f.path.clone()) {
+                        self.rep.send(Kind::Warning {
+                            message: format!("symlink {} -> {t} points outside the synced tree; not synced", f.path),
+                        });
+                    }
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        (found, pruned)
+    }
+
+    /// The first sync of a session: compare the source with the agent's
+    /// index, by content, and send only the differences. Returns the number
+    /// of paths that failed.
+    pub async fn initial_sync(&mut self, link: &mut Link) -> Result<usize, LinkError> {
+        let t0 = Instant::now();
+        let (found, pruned) = tokio::task::block_in_place(|| self.scan_source());
+        let unders: Vec<String> = self.rules.iter().map(|r| r.to.clone()).collect();
+        // Hash the source while the agent indexes the target.
+        let hashing = tokio::task::spawn_blocking(move || {
+            let mut sk = Vec::new();
+            let r = index::hash_all(found, &mut sk);
+            (r, sk)
+        });
+        let target = link.index(unders, pruned.clone()).await?;
+        let (src, skipped) = hashing.await.unwrap_or_default();
+        for s in skipped {
+            self.warn(format!("skipped {}: {}", s.abs.display(), s.reason));
+        }
+        let have: BTreeMap<String, Entry> = target.into_iter().map(|e| (e.path.clone(), e)).collect();
+        let plan = self.diff(&src, &have, &pruned);
+        let files = src.iter().filter(|(f, _)| f.kind == EntryKind::File).count() as u64;
+        let dirs = src.iter().filter(|(f, _)| f.kind == EntryKind::Dir).count() as u64;
+        // Until acknowledged otherwise, the target holds what it reported.
+        self.model = have.into_iter().filter(|(p, e)| !self.ignored_wire(p, e.kind == EntryKind::Dir)).collect();
+        let mut errors = 0;
+        if !plan.is_empty() {
+            errors = self.send_plan(link, plan, true, t0).await?;
+        }
+        self.rep.send(Kind::InSync { files, dirs, checked_ms: t0.elapsed().as_secs_f64() * 1e3 });
+        Ok(errors)
+    }
+
+    /// What must change for the target (`have`) to match the source.
+    fn diff(&self, src: &[(Found, Entry)], have: &BTreeMap<String, Entry>, pruned: &[String]) -> Plan {
+        let mut plan = Plan::default();
+        let mut present: std::collections::HashMap<&str, EntryKind> = std::collections::HashMap::with_capacity(src.len());
+        for (f, e) in src {
+            present.insert(e.path.as_str(), e.kind);
+            if have.get(&e.path).is_none_or(|t| differs(t, e)) {
+                plan.writes.push(Write_ {
+                    wire: e.path.clone(),
+                    abs: f.abs.clone(),
+                    kind: e.kind,
+                    mode: e.mode,
+                    size: e.size,
+                    link: e.link.clone(),
+                    content: None,
+                });
+            }
+        }
+        let mut dirs = Vec::new();
+        for (p, t) in have {
+            let t_dir = t.kind == EntryKind::Dir;
+            match present.get(p.as_str()) {
+                // Same path, and a directory on both sides or on neither:
+                // the write above (if any) replaces it in place.
+                Some(k) if (*k == EntryKind::Dir) == t_dir => continue,
+                // Kind changed between directory and not: remove first.
+                Some(_) => {}
+                None => {
+                    if pruned.iter().any(|d| paths::is_within(p, d)) || self.ignored_wire(p, t_dir) {
+                        continue;
+                    }
+                }
+            }
+            if t_dir {
+                dirs.push(p.clone());
+            } else {
+                plan.deletes.push(p.clone());
+            }
+        }
+        // Directories last, deepest first, so each is empty when removed.
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        plan.deletes.extend(dirs);
+        plan
+    }
+
+    /// Is a target path one the source side ignores (left alone)?
+    fn ignored_wire(&self, wire: &str, is_dir: bool) -> bool {
+        for r in &self.rules {
+            if paths::is_within(wire, &r.to) {
+                let rel = if r.to.is_empty() { wire } else { wire[r.to.len()..].trim_start_matches('/') };
+                if rel.is_empty() {
+                    return false;
+                }
+                return r.filter.is_ignored(&r.from.join(rel), is_dir);
+            }
+        }
+        true
+    }
+
+    /// The live loop: watch, examine, send, until shutdown or the link ends.
+    pub async fn live(
+        &mut self,
+        link: &mut Link,
+        changes: &mut mpsc::Receiver<Change>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<LiveEnd, LinkError> {
+        let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut rescan = false;
+        let mut first_seen: Option<Instant> = None;
+        if let Some(w) = &self.watch {
+            self.rep.send(Kind::Watching { dirs: w.len() });
+        }
+        loop {
+            if dirty.is_empty() && !rescan {
+                tokio::select! {
+                    c = changes.recv() => match c {
+                        Some(c) => absorb(c, &mut dirty, &mut rescan),
+                        None => return Ok(LiveEnd::Shutdown),
+                    },
+                    r = link.ended() => return Ok(LiveEnd::Lost(r)),
+                    _ = shutdown.changed() => return Ok(LiveEnd::Shutdown),
+                }
+                first_seen = Some(Instant::now());
+            }
+            while let Ok(c) = changes.try_recv() {
+                absorb(c, &mut dirty, &mut rescan);
+            }
+            if self.watch.as_ref().is_some_and(|w| w.take_overflow()) {
+                rescan = true;
+            }
+            let t_first = first_seen.take().unwrap_or_else(Instant::now);
+            let plan = if rescan {
+                rescan = false;
+                dirty.clear();
+                tokio::task::block_in_place(|| self.rescan_plan())
+            } else {
+                let d = std::mem::take(&mut dirty);
+                let (plan, again) = tokio::task::block_in_place(|| self.examine(d));
+                rescan |= again;
+                plan
+            };
+            if plan.is_empty() {
+                continue;
+            }
+            // Send, and keep collecting changes meanwhile: they form the
+            // next batch.
+            let send = self.send_plan(link, plan, false, t_first);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    r = &mut send => { r?; break; }
+                    c = changes.recv() => if let Some(c) = c {
+                        if first_seen.is_none() { first_seen = Some(Instant::now()); }
+                        absorb(c, &mut dirty, &mut rescan);
+                    },
+                }
+            }
+        }
+    }
+
+    /// Full rescan of the source against the model (after lost events or an
+    /// ignore-file change).
+    fn rescan_plan(&mut self) -> Plan {
+        let (found, pruned) = self.scan_source();
+        let mut sk = Vec::new();
+        let src = index::hash_all(found, &mut sk);
+        // Paths that became ignored are left alone on the target and
+        // forgotten here.
+        let ignored: Vec<String> =
+            self.model.iter().filter(|(p, e)| self.ignored_wire(p, e.kind == EntryKind::Dir)).map(|(p, _)| p.clone()).collect();
+        for p in ignored {
+            self.model.remove(&p);
+        }
+        self.diff(&src, &self.model.clone(), &pruned)
+    }
+
+    /// Compares each dirty path with the model. Returns the plan and whether
+    /// a full rescan is needed (an ignore file changed).
+    fn examine(&mut self, dirty: BTreeSet<PathBuf>) -> (Plan, bool) {
+        let mut plan = Plan::default();
+        let mut planned: HashSet<String> = HashSet::new();
+        let mut rescan = false;
+        for abs in dirty {
+            let Some(ri) = self.rule_for(&abs) else { continue };
+            let (from, to) = (self.rules[ri].from.clone(), self.rules[ri].to.clone());
+            let rel = abs.strip_prefix(&from).unwrap_or(Path::new(""));
+            if rel.as_os_str().is_empty() {
+                // The rule's root itself changed (deleted, moved): look again
+                // at everything.
+                rescan = true;
+                continue;
+            }
+            if Filter::is_ignore_file(&abs) {
+                if let Some(dir) = abs.parent() {
+                    self.rules[ri].filter.load_dir(dir);
+                }
+                rescan = true;
+            }
+            let wire = match paths::to_wire(rel) {
+                Ok(r) => paths::join_wire(&to, &r),
+                Err(e) => {
+                    self.warn(format!("skipped {}: {e}", abs.display()));
+                    continue;
+                }
+            };
+            if planned.contains(&wire) {
+                continue;
+            }
+            let md = match std::fs::symlink_metadata(&abs) {
+                Ok(m) => m,
+                Err(_) => {
+                    // Gone: delete it and everything the model has below it.
+                    if let Some(w) = &mut self.watch {
+                        w.remove_tree(&abs);
+                    }
+                    self.plan_removal(&wire, &mut plan, &mut planned);
+                    continue;
+                }
+            };
+            let is_dir = md.is_dir();
+            if self.rules[ri].filter.is_ignored(&abs, is_dir) {
+                continue;
+            }
+            if is_dir {
+                let mut found = vec![Found {
+                    path: wire.clone(),
+                    abs: abs.clone(),
+                    kind: EntryKind::Dir,
+                    size: 0,
+                    mode: md.permissions().mode() & 0o777,
+                    link: None,
+                }];
+                let mut pruned = Vec::new();
+                let mut skipped = Vec::new();
+                let mut werr = Vec::new();
+                if let Some(w) = &mut self.watch {
+                    let _ = w.add(&abs);
+                }
+                walk_rule(&mut self.rules[ri], &abs, &wire, &mut self.watch, &mut found, &mut pruned, &mut skipped, &mut werr);
+                let present: HashSet<&str> = found.iter().map(|f| f.path.as_str()).collect();
+                // Model entries below that are no longer there.
+                let gone: Vec<String> = self
+                    .model
+                    .range(format!("{wire}/")..)
+                    .take_while(|(p, _)| paths::is_within(p, &wire))
+                    .filter(|(p, e)| !present.contains(p.as_str()) && !self.ignored_wire(p, e.kind == EntryKind::Dir))
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for g in gone {
+                    self.plan_removal(&g, &mut plan, &mut planned);
+                }
+                for f in found {
+                    self.plan_found(f, &mut plan, &mut planned);
+                }
+            } else {
+                let f = Found {
+                    path: wire,
+                    abs,
+                    kind: if md.file_type().is_symlink() { EntryKind::Symlink } else { EntryKind::File },
+                    size: md.size(),
+                    mode: md.permissions().mode() & 0o777,
+                    link: None,
+                };
+                if !md.file_type().is_symlink() && !md.is_file() {
+                    continue;
+                }
+                self.plan_found(f, &mut plan, &mut planned);
+            }
+        }
+        (plan, rescan)
+    }
+
+    /// Adds a found path to the plan if it differs from the model.
+    fn plan_found(&mut self, mut f: Found, plan: &mut Plan, planned: &mut HashSet<String>) {
+        if !planned.insert(f.path.clone()) {
+            return;
+        }
+        let mut content = None;
+        let entry = match f.kind {
+            EntryKind::Dir => Entry { path: f.path.clone(), kind: EntryKind::Dir, size: 0, mode: f.mode, hash: 0, link: None },
+            EntryKind::Symlink => {
+                let t = match std::fs::read_link(&f.abs).ok().and_then(|t| t.to_str().map(String::from)) {
+                    Some(t) => t,
+                    None => return,
+                };
+                if paths::check_link_target(&f.path, &t).is_err() {
+                    self.warn(format!("symlink {} -> {t} points outside the synced tree; not synced", f.path));
+                    return;
+                }
+                f.link = Some(t.clone());
+                Entry { path: f.path.clone(), kind: EntryKind::Symlink, size: 0, mode: 0o777, hash: 0, link: Some(t) }
+            }
+            EntryKind::File => {
+                let (hash, size) = if f.size <= READ_AHEAD_MAX {
+                    match std::fs::read(&f.abs) {
+                        Ok(b) => {
+                            let h = index::hash_bytes(&b);
+                            let n = b.len() as u64;
+                            content = Some((b, h));
+                            (h, n)
+                        }
+                        Err(_) => return, // vanished: its removal event follows
+                    }
+                } else {
+                    match index::hash_file(&f.abs) {
+                        Ok(x) => x,
+                        Err(_) => return,
+                    }
+                };
+                f.size = size;
+                Entry { path: f.path.clone(), kind: EntryKind::File, size, mode: f.mode, hash, link: None }
+            }
+        };
+        let old = self.model.get(&f.path);
+        if old.is_some_and(|o| !differs(o, &entry)) {
+            return;
+        }
+        // A directory replaced by a file or link: remove it (and what the
+        // model has below it) first.
+        if old.is_some_and(|o| o.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
+            let p = f.path.clone();
+            planned.remove(&p);
+            self.plan_removal(&p, plan, planned);
+            planned.insert(p);
+        }
+        // Parents the target does not have yet (a file in a new directory
+        // whose own event has not been seen).
+        if let Some(parent) = f.path.rsplit_once('/').map(|(p, _)| p.to_string()) {
+            if !self.model.contains_key(&parent) && !planned.contains(&parent) && !self.rules.iter().any(|r| r.to == parent) {
+                if let Some(pabs) = f.abs.parent() {
+                    if let Ok(m) = std::fs::symlink_metadata(pabs) {
+                        let pf = Found { path: parent, abs: pabs.to_path_buf(), kind: EntryKind::Dir, size: 0, mode: m.permissions().mode() & 0o777, link: None };
+                        self.plan_found(pf, plan, planned);
+                    }
+                }
+            }
+        }
+        plan.writes.push(Write_ {
+            wire: f.path,
+            abs: f.abs,
+            kind: entry.kind,
+            mode: entry.mode,
+            size: entry.size,
+            link: entry.link,
+            content,
+        });
+    }
+
+    /// Plans the deletion of a path and everything the model has below it.
+    fn plan_removal(&mut self, wire: &str, plan: &mut Plan, planned: &mut HashSet<String>) {
+        let below: Vec<(String, EntryKind)> = self
+            .model
+            .range(wire.to_string()..)
+            .take_while(|(p, _)| paths::is_within(p, wire))
+            .map(|(p, e)| (p.clone(), e.kind))
+            .collect();
+        let mut dirs = Vec::new();
+        for (p, k) in below {
+            if !planned.insert(p.clone()) {
+                continue;
+            }
+            if k == EntryKind::Dir {
+                dirs.push(p);
+            } else {
+                plan.deletes.push(p);
+            }
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+        plan.deletes.extend(dirs);
+    }
+
+    fn rule_for(&self, abs: &Path) -> Option<usize> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| abs.starts_with(&r.from))
+            .max_by_key(|(_, r)| r.from.as_os_str().len())
+            .map(|(i, _)| i)
+    }
+
+    /// Sends a plan as one or more batches; returns how many paths failed.
+    async fn send_plan(&mut self, link: &mut Link, plan: Plan, initial: bool, t0: Instant) -> Result<usize, LinkError> {
+        let mut errors = 0;
+        let Plan { writes, mut deletes } = plan;
+        let mut chunk: Vec<Write_> = Vec::new();
+        let mut chunk_bytes = 0u64;
+        let mut rest = writes.into_iter().peekable();
+        loop {
+            while let Some(w) = rest.peek() {
+                if !chunk.is_empty() && chunk_bytes + w.size > BATCH_BYTES_MAX {
+                    break;
+                }
+                chunk_bytes += w.size;
+                chunk.push(rest.next().expect("peeked"));
+            }
+            let dels: Vec<String> = deletes.drain(..deletes.len().min(BATCH_DELETES_MAX)).collect();
+            if chunk.is_empty() && dels.is_empty() {
+                break;
+            }
+            errors += self.send_batch(link, std::mem::take(&mut chunk), dels, initial, t0).await?.errors;
+            chunk_bytes = 0;
+        }
+        Ok(errors)
+    }
+
+    async fn send_batch(
+        &mut self,
+        link: &mut Link,
+        writes: Vec<Write_>,
+        deletes: Vec<String>,
+        initial: bool,
+        t0: Instant,
+    ) -> Result<BatchOutcome, LinkError> {
+        let changed = || writes.iter().map(|w| w.wire.as_str()).chain(deletes.iter().map(String::as_str));
+        let matches = |m: &PathMatcher| changed().any(|p| m.is_match(p));
+        let commands: Vec<CommandSpec> =
+            self.svc.on_sync.iter().filter(|t| matches(&t.when)).map(|t| t.command.clone()).collect();
+        // The initial sync happens before the app is configured (it starts on
+        // the synced files), so only live batches restart it.
+        let restart =
+            !initial && self.svc.app.as_ref().is_some_and(|a| a.restart && a.restart_when.as_ref().is_none_or(matches));
+        let bytes: u64 = writes.iter().map(|w| w.size).sum();
+        self.batches += 1;
+        let files = writes.len() as u64;
+        self.rep.send(Kind::SyncStarted { batch: self.batches, initial, files, deletes: deletes.len() as u64, bytes });
+        let pending = link.begin_batch(deletes.clone(), commands, restart, !writes.is_empty()).await?;
+        let sent: Vec<Entry> = match pending.stream {
+            None => Vec::new(),
+            Some(stream) => {
+                let inline = bytes <= INLINE_BATCH_MAX && writes.iter().all(|w| w.kind != EntryKind::File || w.content.is_some());
+                if inline {
+                    let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
+                    let sent = build_archive(&mut buf, writes);
+                    stream.send(&buf).await.map_err(|_| LinkError::Lost("connection closed while sending".into()))?;
+                    stream.finish().await.map_err(|_| LinkError::Lost("connection closed while sending".into()))?;
+                    sent
+                } else {
+                    let rt = tokio::runtime::Handle::current();
+                    let build = tokio::task::spawn_blocking(move || {
+                        let mut w = stream.blocking_writer(rt);
+                        let sent = build_archive(&mut w, writes);
+                        w.finish().map(|_| sent)
+                    });
+                    match build.await {
+                        Ok(Ok(s)) => s,
+                        _ => return Err(LinkError::Lost("connection closed while sending".into())),
+                    }
+                }
+            }
+        };
+        let Applied { written, deleted, bytes, errors, .. } = pending.applied.await.map_err(|_| LinkError::Lost("connection closed".into()))??;
+        for d in &deletes {
+            self.model.remove(d);
+        }
+        let failed: HashSet<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for e in sent {
+            if !failed.contains(e.path.as_str()) {
+                self.model.insert(e.path.clone(), e);
+            } else {
+                self.model.remove(&e.path);
+            }
+        }
+        for e in &errors {
+            self.rep.send(Kind::SyncError { path: e.path.clone(), message: e.message.clone() });
+        }
+        self.rep.send(Kind::SyncApplied {
+            batch: self.batches,
+            initial,
+            written,
+            deleted,
+            bytes,
+            latency_ms: t0.elapsed().as_secs_f64() * 1e3,
+        });
+        Ok(BatchOutcome { errors: errors.len() })
+    }
+}
+
+fn absorb(c: Change, dirty: &mut BTreeSet<PathBuf>, rescan: &mut bool) {
+    match c {
+        Change::Paths(ps) => dirty.extend(ps),
+        Change::Rescan(_) => *rescan = true,
+    }
+}
+
+/// Does the target's entry differ from the source's?
+fn differs(t: &Entry, s: &Entry) -> bool {
+    t.kind != s.kind
+        || match s.kind {
+            EntryKind::File => t.size != s.size || t.hash != s.hash || t.mode != s.mode,
+            EntryKind::Symlink => t.link != s.link,
+            EntryKind::Dir => false,
+        }
+}
+
+/// Walks below `base` (wire path `prefix`) of a rule, applying its filter,
+/// loading nested ignore files and adding watches for kept directories
+/// before their contents are read (so nothing created meanwhile is missed).
+#[allow(clippy::too_many_arguments)]
+fn walk_rule(
+    rule: &mut Rule,
+    base: &Path,
+    prefix: &str,
+    watch: &mut Option<Watch>,
+    found: &mut Vec<Found>,
+    pruned: &mut Vec<String>,
+    skipped: &mut Vec<Skipped>,
+    watch_errors: &mut Vec<String>,
+) {
+    let from = rule.from.clone();
+    let to = rule.to.clone();
+    let filter = &mut rule.filter;
+    if base != from {
+        filter.load_dir(base);
+    }
+    let mut keep = |wire: &str, is_dir: bool| -> bool {
+        let rel = if to.is_empty() { wire } else { wire[to.len()..].trim_start_matches('/') };
+        let abs = from.join(rel);
+        if filter.is_ignored(&abs, is_dir) {
+            if is_dir {
+                pruned.push(wire.to_string());
+            }
+            return false;
+        }
+        if is_dir {
+            filter.load_dir(&abs);
+            if let Some(w) = watch {
+                if let Err(e) = w.add(&abs) {
+                    watch_errors.push(format!("cannot watch {}: {e}", abs.display()));
+                }
+            }
+        }
+        true
+    };
+    index::walk(base, prefix, &mut keep, WalkOptions::default(), found, skipped);
+}
+
+/// Writes a tar archive of `writes` and returns the entries as sent (hash
+/// of the bytes actually sent). Files that vanished are left out.
+fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
+    let mut b = tar::Builder::new(out);
+    let mut sent = Vec::with_capacity(writes.len());
+    let mtime = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    for w in writes {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(w.mode);
+        h.set_mtime(mtime);
+        let res = match w.kind {
+            EntryKind::File => {
+                let (data, hash) = match w.content {
+                    Some(c) => c,
+                    None => match std::fs::read(&w.abs) {
+                        Ok(d) => {
+                            let h = index::hash_bytes(&d);
+                            (d, h)
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                let r = b.append_data(&mut h, &w.wire, data.as_slice());
+                sent.push(Entry { path: w.wire, kind: EntryKind::File, size: data.len() as u64, mode: w.mode, hash, link: None });
+                r
+            }
+            EntryKind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                let r = b.append_data(&mut h, &w.wire, std::io::empty());
+                sent.push(Entry { path: w.wire, kind: EntryKind::Dir, size: 0, mode: w.mode, hash: 0, link: None });
+                r
+            }
+            EntryKind::Symlink => {
+                let target = w.link.clone().unwrap_or_default();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                let r = b.append_link(&mut h, &w.wire, &target);
+                sent.push(Entry { path: w.wire, kind: EntryKind::Symlink, size: 0, mode: 0o777, hash: 0, link: Some(target) });
+                r
+            }
+        };
+        if res.is_err() {
+            // The stream is gone; what was not sent is not in `sent`.
+            sent.pop();
+            break;
+        }
+    }
+    let _ = b.finish();
+    sent
+}

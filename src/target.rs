@@ -1,0 +1,122 @@
+//! Targets: how the CLI gets a byte stream to an agent.
+//!
+//! Every target ends in the same place, a stream that speaks the devloop
+//! protocol, so the sync engine does not know or care where the agent runs:
+//!
+//! - [`local`]: the agent as a child process of devloop, over its stdio;
+//! - [`exec`]: any command whose stdio is the agent (`docker exec -i`,
+//!   `ssh`, `kubectl exec -i`).
+//!
+//! The Kubernetes target (port-forward or exec through the API server) adds
+//! a variant here.
+
+pub mod exec;
+pub mod local;
+
+use crate::config::{Target, TokenVia};
+use crate::events::{Kind, Reporter};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A byte stream to an agent.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Why an agent could not be started or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("devloop-agent binary not found (looked in {looked})")]
+    AgentNotFound { looked: String },
+    #[error("cannot start `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot hand the session token to `{command}`")]
+    Token {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TargetError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            TargetError::AgentNotFound { .. } => Some(
+                "build it with `cargo build --workspace` (it lands next to devloop), install it with \
+                 `cargo install --path agent`, or set DEVLOOP_AGENT_BIN to its path"
+                    .into(),
+            ),
+            TargetError::Spawn { .. } => Some("check that the command exists and is executable (target.exec.command)".into()),
+            TargetError::Token { .. } => None,
+        }
+    }
+}
+
+/// A started agent: the stream to it and the process that carries it.
+pub struct Started {
+    pub io: Box<dyn Io>,
+    pub process: Process,
+}
+
+/// The local process behind a connection (the agent itself, or the exec
+/// command). Stopped on shutdown; killed if it does not exit by itself.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    /// Waits for the process to exit after the session closed, then kills
+    /// it if it is still there.
+    pub async fn stop(mut self, grace: Duration) {
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Starts the agent for a target.
+pub async fn start(target: &Target, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
+    rep.send(Kind::AgentStarting { target: target.describe() });
+    match target {
+        Target::Local { root } => {
+            let cmd = local::command(root)?;
+            spawn_stdio(cmd, token, TokenVia::Env, rep).await
+        }
+        Target::Exec { command, token: via } => spawn_stdio(exec::command(command), token, *via, rep).await,
+    }
+}
+
+/// Spawns a process whose stdio is the agent's, hands it the token, and
+/// forwards its stderr as agent log events.
+async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporter) -> Result<Started, TargetError> {
+    let shown = format!("{:?}", cmd.as_std().get_program());
+    if via == TokenVia::Env {
+        cmd.env(devloop_agent::protocol::TOKEN_ENV, token);
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| TargetError::Spawn { command: shown.clone(), source })?;
+    // All three were requested as pipes just above.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    if via == TokenVia::Stdin {
+        stdin
+            .write_all(format!("{token}\n").as_bytes())
+            .await
+            .map_err(|source| TargetError::Token { command: shown.clone(), source })?;
+    }
+    let rep = rep.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rep.send(Kind::AgentLog { line });
+        }
+    });
+    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { child } })
+}

@@ -1,0 +1,51 @@
+//! The embedded default target: the agent runs as a child process of
+//! devloop and syncs into a directory on this machine. The demo and most
+//! integration tests use it; it exercises the same agent and protocol as a
+//! pod does.
+
+use super::TargetError;
+use std::path::{Path, PathBuf};
+use tokio::process::Command;
+
+/// Environment variable naming the agent binary, overriding the search.
+pub const AGENT_BIN_ENV: &str = "DEVLOOP_AGENT_BIN";
+
+/// Finds the agent binary: `DEVLOOP_AGENT_BIN`, then next to the devloop
+/// executable (where `cargo build` and `cargo install` put it), then `PATH`.
+pub fn agent_binary() -> Result<PathBuf, TargetError> {
+    let mut looked = Vec::new();
+    if let Some(p) = std::env::var_os(AGENT_BIN_ENV) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        looked.push(format!("{AGENT_BIN_ENV}={}", p.display()));
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        // Test binaries live one level down, in target/<profile>/deps.
+        for d in [dir.clone(), dir.join("..")] {
+            let p = d.join("devloop-agent");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        looked.push(dir.display().to_string());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join("devloop-agent");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        looked.push("PATH".into());
+    }
+    Err(TargetError::AgentNotFound { looked: looked.join(", ") })
+}
+
+/// The command that runs the agent over stdio, syncing into `root`.
+pub fn command(root: &Path) -> Result<Command, TargetError> {
+    let mut c = Command::new(agent_binary()?);
+    c.arg("serve").arg("--stdio").arg("--root").arg(root);
+    Ok(c)
+}
