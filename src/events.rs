@@ -23,37 +23,96 @@ pub struct Event {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Kind {
     /// Starting (or restarting) the agent on a target.
-    AgentStarting { target: String },
+    AgentStarting {
+        target: String,
+    },
     /// A session with the agent is open.
-    AgentConnected { agent_version: String, pid: u32, root: String },
+    AgentConnected {
+        agent_version: String,
+        pid: u32,
+        root: String,
+    },
     /// The session ended; `reason` says how.
-    AgentLost { reason: String },
+    AgentLost {
+        reason: String,
+    },
     /// Will try again after `in_ms`.
-    Reconnecting { attempt: u32, in_ms: u64 },
+    Reconnecting {
+        attempt: u32,
+        in_ms: u64,
+    },
     /// A line the agent printed on its stderr.
-    AgentLog { line: String },
+    AgentLog {
+        line: String,
+    },
     /// Watching this many directories.
-    Watching { dirs: usize },
+    Watching {
+        dirs: usize,
+    },
     /// A batch is on its way.
-    SyncStarted { batch: u64, initial: bool, files: u64, deletes: u64, bytes: u64 },
+    SyncStarted {
+        batch: u64,
+        initial: bool,
+        files: u64,
+        deletes: u64,
+        bytes: u64,
+    },
     /// A batch has landed. `latency_ms` runs from the first change seen (live)
     /// or the start of the sync (initial) to the agent's acknowledgement.
-    SyncApplied { batch: u64, initial: bool, written: u64, deleted: u64, bytes: u64, latency_ms: f64 },
+    SyncApplied {
+        batch: u64,
+        initial: bool,
+        written: u64,
+        deleted: u64,
+        bytes: u64,
+        latency_ms: f64,
+    },
     /// One path could not be synced.
-    SyncError { path: String, message: String },
+    SyncError {
+        path: String,
+        message: String,
+    },
     /// The target matches the source (after the initial sync).
-    InSync { files: u64, dirs: u64, checked_ms: f64 },
-    CommandStarted { command: String },
-    CommandOutput { command: String, stream: String, line: String },
-    CommandExited { command: String, code: Option<i32>, ms: u64 },
-    AppStarted { pid: u32 },
-    AppOutput { stream: String, line: String },
-    AppExited { code: Option<i32> },
+    InSync {
+        files: u64,
+        dirs: u64,
+        checked_ms: f64,
+    },
+    CommandStarted {
+        command: String,
+    },
+    CommandOutput {
+        command: String,
+        stream: String,
+        line: String,
+    },
+    CommandExited {
+        command: String,
+        code: Option<i32>,
+        ms: u64,
+    },
+    AppStarted {
+        pid: u32,
+    },
+    AppOutput {
+        stream: String,
+        line: String,
+    },
+    AppExited {
+        code: Option<i32>,
+    },
     AppStopped,
-    AppFailed { message: String },
-    Warning { message: String },
+    AppFailed {
+        message: String,
+    },
+    Warning {
+        message: String,
+    },
     /// Something failed; `hint` says what to do.
-    Error { message: String, hint: Option<String> },
+    Error {
+        message: String,
+        hint: Option<String>,
+    },
 }
 
 /// Sends events for one service.
@@ -65,16 +124,25 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(service: &str, tx: mpsc::UnboundedSender<Event>) -> Reporter {
-        Reporter { service: service.to_string(), tx }
+        Reporter {
+            service: service.to_string(),
+            tx,
+        }
     }
 
     pub fn send(&self, kind: Kind) {
-        let _ = self.tx.send(Event { ts: now_ms(), service: self.service.clone(), kind });
+        let _ = self.tx.send(Event {
+            ts: now_ms(),
+            service: self.service.clone(),
+            kind,
+        });
     }
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How events are shown.
@@ -108,28 +176,59 @@ pub async fn print(mut rx: mpsc::UnboundedReceiver<Event>, format: Format) -> u6
 
 /// One human-readable line.
 pub fn plain(ev: &Event) -> String {
-    let who = if ev.service.is_empty() { "devloop".to_string() } else { ev.service.clone() };
+    let who = if ev.service.is_empty() {
+        "devloop".to_string()
+    } else {
+        ev.service.clone()
+    };
     let body = match &ev.kind {
         Kind::AgentStarting { target } => format!("starting agent on {target}"),
-        Kind::AgentConnected { agent_version, pid, root } => {
+        Kind::AgentConnected {
+            agent_version,
+            pid,
+            root,
+        } => {
             format!("agent {agent_version} connected (pid {pid}, root {root})")
         }
         Kind::AgentLost { reason } => format!("agent connection lost: {reason}"),
-        Kind::Reconnecting { attempt, in_ms } => format!("reconnecting in {in_ms} ms (attempt {attempt})"),
+        Kind::Reconnecting { attempt, in_ms } => {
+            format!("reconnecting in {in_ms} ms (attempt {attempt})")
+        }
         Kind::AgentLog { line } => format!("agent: {line}"),
         Kind::Watching { dirs } => format!("watching {dirs} directories"),
-        Kind::SyncStarted { initial, files, deletes, bytes, .. } => format!(
+        Kind::SyncStarted {
+            initial,
+            files,
+            deletes,
+            bytes,
+            ..
+        } => format!(
             "{} {files} files ({}), {deletes} deletions",
-            if *initial { "initial sync: sending" } else { "sending" },
+            if *initial {
+                "initial sync: sending"
+            } else {
+                "sending"
+            },
             human_bytes(*bytes)
         ),
-        Kind::SyncApplied { initial, written, deleted, bytes, latency_ms, .. } => format!(
+        Kind::SyncApplied {
+            initial,
+            written,
+            deleted,
+            bytes,
+            latency_ms,
+            ..
+        } => format!(
             "{}synced {written} written, {deleted} deleted ({}) in {latency_ms:.1} ms",
             if *initial { "initial sync: " } else { "" },
             human_bytes(*bytes)
         ),
         Kind::SyncError { path, message } => format!("error: {path}: {message}"),
-        Kind::InSync { files, dirs, checked_ms } => {
+        Kind::InSync {
+            files,
+            dirs,
+            checked_ms,
+        } => {
             format!("in sync: {files} files, {dirs} directories (checked in {checked_ms:.0} ms)")
         }
         Kind::CommandStarted { command } => format!("running `{command}`"),

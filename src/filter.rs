@@ -35,7 +35,12 @@ impl Filter {
             let _ = b.add_line(None, pat);
         }
         let excludes = b.build().unwrap_or_else(|_| Gitignore::empty());
-        let mut f = Filter { root: root.to_path_buf(), excludes, layers: BTreeMap::new(), warnings: Vec::new() };
+        let mut f = Filter {
+            root: root.to_path_buf(),
+            excludes,
+            layers: BTreeMap::new(),
+            warnings: Vec::new(),
+        };
         let mut dirs = vec![];
         let mut d = Some(root);
         while let Some(dir) = d {
@@ -80,14 +85,19 @@ impl Filter {
     /// over shallower ones, `.devloopignore` over `.gitignore` in the same
     /// directory, and the config's excludes over everything.
     pub fn is_ignored(&self, abs: &Path, is_dir: bool) -> bool {
-        let Ok(rel) = abs.strip_prefix(&self.root) else { return true };
+        let Ok(rel) = abs.strip_prefix(&self.root) else {
+            return true;
+        };
         if rel.components().any(|c| c.as_os_str() == ".git") {
             return true;
         }
         if rel.as_os_str().is_empty() {
             return false;
         }
-        if matches!(self.excludes.matched_path_or_any_parents(rel, is_dir), Match::Ignore(_)) {
+        if matches!(
+            self.excludes.matched_path_or_any_parents(rel, is_dir),
+            Match::Ignore(_)
+        ) {
             return true;
         }
         let mut ignored = false;
@@ -108,7 +118,9 @@ impl Filter {
 
     /// Is this file one of the ignore files (a change means rescanning)?
     pub fn is_ignore_file(abs: &Path) -> bool {
-        abs.file_name().and_then(|n| n.to_str()).is_some_and(|n| IGNORE_FILES.contains(&n))
+        abs.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| IGNORE_FILES.contains(&n))
     }
 }
 

@@ -8,8 +8,12 @@
 
 use crate::events::{Kind, Reporter};
 use crate::target::Io;
-use devloop_agent::protocol::{AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream};
-use devloop_agent::transport::{self, ConnectError, Credits, End, Heartbeat, Incoming, Outbound, StreamSender};
+use devloop_agent::protocol::{
+    AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream,
+};
+use devloop_agent::transport::{
+    self, ConnectError, Credits, End, Heartbeat, Incoming, Outbound, StreamSender,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -21,7 +25,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum LinkError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("the agent did not answer within {0:?} (is the target command right? its output is above)")]
+    #[error(
+        "the agent did not answer within {0:?} (is the target command right? its output is above)"
+    )]
     Timeout(Duration),
     #[error("connection to the agent lost: {0}")]
     Lost(String),
@@ -73,21 +79,34 @@ pub struct PendingBatch {
 impl Link {
     /// Handshake, hello, and the dispatcher task.
     pub async fn open(io: Box<dyn Io>, token: &str, rep: Reporter) -> Result<Link, LinkError> {
-        let (ws, agent_version) = tokio::time::timeout(HELLO_TIMEOUT, transport::connect(io, token))
-            .await
-            .map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))??;
+        let (ws, agent_version) =
+            tokio::time::timeout(HELLO_TIMEOUT, transport::connect(io, token))
+                .await
+                .map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))??;
         let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
-        let first = tokio::time::timeout(HELLO_TIMEOUT, rx.recv()).await.map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))?;
+        let first = tokio::time::timeout(HELLO_TIMEOUT, rx.recv())
+            .await
+            .map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))?;
         let (pid, root) = match first {
             Some(Incoming::Control(Control::Hello { pid, root, .. })) => (pid, root),
             Some(Incoming::Ended(e)) => return Err(LinkError::Lost(e.to_string())),
-            Some(Incoming::Control(Control::Error { message, .. })) => return Err(LinkError::Agent(message)),
+            Some(Incoming::Control(Control::Error { message, .. })) => {
+                return Err(LinkError::Agent(message))
+            }
             other => return Err(LinkError::Lost(format!("expected hello, got {other:?}"))),
         };
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(dispatch(rx, req_rx, out.clone(), rep, ended_tx));
-        Ok(Link { out, req: req_tx, next_id: 1, ended, agent_version, pid, root })
+        Ok(Link {
+            out,
+            req: req_tx,
+            next_id: 1,
+            ended,
+            agent_version,
+            pid,
+            root,
+        })
     }
 
     fn id(&mut self) -> u64 {
@@ -96,11 +115,19 @@ impl Link {
     }
 
     /// Asks the agent for the index of these root-relative trees.
-    pub async fn index(&mut self, under: Vec<String>, prune: Vec<String>) -> Result<Vec<Entry>, LinkError> {
+    pub async fn index(
+        &mut self,
+        under: Vec<String>,
+        prune: Vec<String>,
+    ) -> Result<Vec<Entry>, LinkError> {
         let id = self.id();
         let (reply, rx) = oneshot::channel();
-        self.req.send(Req::Index { id, reply }).map_err(|_| self.lost())?;
-        self.out.control(Control::IndexRequest { id, under, prune }).map_err(|_| self.lost())?;
+        self.req
+            .send(Req::Index { id, reply })
+            .map_err(|_| self.lost())?;
+        self.out
+            .control(Control::IndexRequest { id, under, prune })
+            .map_err(|_| self.lost())?;
         rx.await.map_err(|_| self.lost())?
     }
 
@@ -120,12 +147,29 @@ impl Link {
         // The dispatcher registers the batch and opens the credit window (it
         // owns the credit table) before the agent can possibly answer: the
         // batch is only announced once `opened` says so.
-        self.req.send(Req::Batch { id, stream: stream_id, opened: opened_tx, reply }).map_err(|_| self.lost())?;
+        self.req
+            .send(Req::Batch {
+                id,
+                stream: stream_id,
+                opened: opened_tx,
+                reply,
+            })
+            .map_err(|_| self.lost())?;
         let stream = opened.await.map_err(|_| self.lost())?;
         self.out
-            .control(Control::Batch { id, deletes, stream: stream_id, commands, restart })
+            .control(Control::Batch {
+                id,
+                deletes,
+                stream: stream_id,
+                commands,
+                restart,
+            })
             .map_err(|_| self.lost())?;
-        Ok(PendingBatch { id, stream, applied })
+        Ok(PendingBatch {
+            id,
+            stream,
+            applied,
+        })
     }
 
     /// Sets (or clears) the app the agent runs.
@@ -151,7 +195,12 @@ impl Link {
     }
 
     fn lost(&self) -> LinkError {
-        LinkError::Lost(self.ended.borrow().clone().unwrap_or_else(|| "connection closed".into()))
+        LinkError::Lost(
+            self.ended
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "connection closed".into()),
+        )
     }
 }
 
@@ -163,7 +212,8 @@ async fn dispatch(
     ended: watch::Sender<Option<String>>,
 ) {
     let mut credits = Credits::default();
-    let mut indexes: HashMap<u64, (Vec<Entry>, oneshot::Sender<Result<Vec<Entry>, LinkError>>)> = HashMap::new();
+    let mut indexes: HashMap<u64, (Vec<Entry>, oneshot::Sender<Result<Vec<Entry>, LinkError>>)> =
+        HashMap::new();
     let mut batches: HashMap<u64, oneshot::Sender<Result<Applied, LinkError>>> = HashMap::new();
     let end: String = loop {
         tokio::select! {
@@ -235,8 +285,14 @@ async fn dispatch(
 fn report(rep: &Reporter, c: Control) {
     match c {
         Control::CommandStarted { command, .. } => rep.send(Kind::CommandStarted { command }),
-        Control::CommandExited { command, code, ms, .. } => rep.send(Kind::CommandExited { command, code, ms }),
-        Control::Output { source, stream, line } => {
+        Control::CommandExited {
+            command, code, ms, ..
+        } => rep.send(Kind::CommandExited { command, code, ms }),
+        Control::Output {
+            source,
+            stream,
+            line,
+        } => {
             let stream = match stream {
                 StdStream::Stdout => "stdout",
                 StdStream::Stderr => "stderr",
@@ -244,7 +300,11 @@ fn report(rep: &Reporter, c: Control) {
             .to_string();
             match source {
                 OutputSource::App => rep.send(Kind::AppOutput { stream, line }),
-                OutputSource::Command { command, .. } => rep.send(Kind::CommandOutput { command, stream, line }),
+                OutputSource::Command { command, .. } => rep.send(Kind::CommandOutput {
+                    command,
+                    stream,
+                    line,
+                }),
             }
         }
         Control::App { state } => rep.send(match state {
@@ -253,8 +313,9 @@ fn report(rep: &Reporter, c: Control) {
             AppState::Stopped => Kind::AppStopped,
             AppState::FailedToStart { message } => Kind::AppFailed { message },
         }),
-        Control::Error { message, .. } => rep.send(Kind::Warning { message: format!("agent: {message}") }),
+        Control::Error { message, .. } => rep.send(Kind::Warning {
+            message: format!("agent: {message}"),
+        }),
         _ => {}
     }
 }
-

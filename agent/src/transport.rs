@@ -348,7 +348,14 @@ where
     tokio::spawn(async move {
         let end = loop {
             let next = match tokio::time::timeout(hb.dead_after, stream.next()).await {
-                Err(_) => break End::Dead(hb.dead_after),
+                Err(_) => {
+                    let end = End::Dead(hb.dead_after);
+                    closer.close(
+                        close_code::SHUTDOWN,
+                        end.to_string().chars().take(120).collect::<String>(),
+                    );
+                    break end;
+                }
                 Ok(None) => break End::Eof,
                 Ok(Some(Err(e))) => break read_error(e, &closer),
                 Ok(Some(Ok(m))) => m,
