@@ -671,9 +671,14 @@ fn dotted<S: AsRef<str>>(key: &[S]) -> String {
 /// Turns a serde_yaml error into a located [`ConfigError`] with a hint.
 fn from_yaml_error(file: &Path, src: &str, e: &serde_yaml::Error) -> ConfigError {
     let text = e.to_string();
-    // serde_yaml renders "path.to.key: message at line L column C".
-    let text = match text.rfind(" at line ") {
-        Some(i) => text[..i].to_string(),
+    // serde_yaml renders "path.to.key: message at line L column C"; the
+    // location is shown separately, so drop that suffix (only that one: a
+    // syntax error also says where the unclosed thing started).
+    let text = match e.location() {
+        Some(l) => {
+            let suffix = format!(" at line {} column {}", l.line(), l.column());
+            text.strip_suffix(&suffix).map(String::from).unwrap_or(text)
+        }
         None => text,
     };
     let (key, message) = match text.split_once(": ") {
