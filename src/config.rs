@@ -6,6 +6,10 @@
 //! rules) are located by [`locate`], which walks the YAML text by
 //! indentation.
 
+// Loading runs once at startup; a large, fully located error is worth more
+// there than a small one.
+#![allow(clippy::result_large_err)]
+
 use devloop_agent::paths;
 use devloop_agent::protocol::{AppSpec, CommandSpec};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};

@@ -45,10 +45,12 @@ pub struct Applied {
     pub apply_us: u64,
 }
 
+type IndexReply = oneshot::Sender<Result<Vec<Entry>, LinkError>>;
+
 enum Req {
     Index {
         id: u64,
-        reply: oneshot::Sender<Result<Vec<Entry>, LinkError>>,
+        reply: IndexReply,
     },
     Batch {
         id: u64,
@@ -212,8 +214,7 @@ async fn dispatch(
     ended: watch::Sender<Option<String>>,
 ) {
     let mut credits = Credits::default();
-    let mut indexes: HashMap<u64, (Vec<Entry>, oneshot::Sender<Result<Vec<Entry>, LinkError>>)> =
-        HashMap::new();
+    let mut indexes: HashMap<u64, (Vec<Entry>, IndexReply)> = HashMap::new();
     let mut batches: HashMap<u64, oneshot::Sender<Result<Applied, LinkError>>> = HashMap::new();
     let end: String = loop {
         tokio::select! {

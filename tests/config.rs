@@ -39,7 +39,7 @@ fn malformed_configs_name_line_key_and_fix() {
         assert!(err.contains(&want), "{name}: expected {want} in: {err}");
         assert!(err.contains(text), "{name}: expected `{text}` in: {err}");
         assert!(
-            hint.is_empty() || err.contains(&format!("hint: ")) && err.contains(hint),
+            hint.is_empty() || err.contains("hint: ") && err.contains(hint),
             "{name}: expected hint `{hint}` in: {err}"
         );
     }

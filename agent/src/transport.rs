@@ -133,6 +133,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let ours = protocol::subprotocol(protocol::PROTOCOL_VERSION);
+    // The callback's signature is tungstenite's; its error type is large by
+    // design (an HTTP response).
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let reject = |status: StatusCode, msg: String| {
             let mut r = ErrorResponse::new(Some(msg + "\n"));
