@@ -81,7 +81,8 @@ fn live_sync_follows_every_kind_of_change() {
     let mut w = p.watch();
     wait_converged(&p, Some(&mut w), T);
     let src = p.src();
-    let steps: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Step<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let steps: Vec<Step> = vec![
         ("edit", Box::new(|| p.write("keep.txt", b"edited"))),
         (
             "create in new dirs",
