@@ -196,7 +196,9 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
     let mut ar = Vec::new();
     let long_name = "n".repeat(300);
     let long_path = vec!["d"; 2100].join("/");
-    let hostile: Vec<(&[u8], T, &[u8], Option<&[u8]>)> = vec![
+    // (path, entry type, data, link target)
+    type Case<'a> = (&'a [u8], T, &'a [u8], Option<&'a [u8]>);
+    let hostile: Vec<Case> = vec![
         (b"../escape", T::Regular, b"x", None),
         (b"/tmp/devloop-abs-escape", T::Regular, b"x", None),
         (b"ok/../../escape2", T::Regular, b"x", None),
