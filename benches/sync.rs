@@ -1,0 +1,330 @@
+//! Sync benchmarks on the local target, each against its floor measured in
+//! the same run. Run with `bench/run` (builds the release binaries first).
+//!
+//! 1. edit-to-visible latency of a 1 KiB edit, p50/p99 over N edits,
+//!    against an inotify watcher that copies the file itself;
+//! 2. initial sync of a repo-like tree (~20k files, a few large binaries,
+//!    ~300 MB) against `tar -c | tar -x` through a pipe;
+//! 3. unchanged re-sync of that tree (the reconnect case);
+//! 4. a 1000-file burst: time until all visible, and batches used;
+//! 5. watcher cost on a 100k-file tree: idle CPU over 30 s, and RSS.
+//!
+//! Options (env): BENCH_EDITS (default 300), BENCH_IDLE_SECS (default 30),
+//! BENCH_ONLY (comma list of: latency,initial,burst,idle).
+
+use notify::Watcher as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn devloop_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_devloop"))
+}
+
+fn agent_bin() -> PathBuf {
+    let a = devloop_bin().with_file_name("devloop-agent");
+    assert!(a.is_file(), "{} missing: run bench/run, which builds it", a.display());
+    a
+}
+
+fn write_config(dir: &Path, src: &str, out: &str) {
+    std::fs::write(
+        dir.join("devloop.yaml"),
+        format!("services:\n  bench:\n    target: {{local: {{root: {out}}}}}\n    sync:\n      - from: {src}\n"),
+    )
+    .unwrap();
+}
+
+/// `devloop --json watch` with its events on a channel.
+struct Watch {
+    child: Child,
+    rx: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Watch {
+    fn start(dir: &Path) -> Watch {
+        let mut child = Command::new(devloop_bin())
+            .current_dir(dir)
+            .env("DEVLOOP_AGENT_BIN", agent_bin())
+            .args(["--json", "watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let w = Watch { child, rx };
+        w.wait("watching", Duration::from_secs(300));
+        w
+    }
+
+    fn wait(&self, kind: &str, t: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + t;
+        loop {
+            let v = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("no {kind} event"));
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    fn count_now(&self, kind: &str) -> usize {
+        self.rx.try_iter().filter(|v| v["type"] == kind).count()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Measures edit-to-visible latencies: `edit(i)` changes `src_file`, then
+/// waits (via inotify on the target's directory) until `dst_file` holds the
+/// new content.
+fn measure_edits(src_file: &Path, dst_file: &Path, n: usize) -> Vec<f64> {
+    let (tx, rx) = mpsc::channel();
+    let mut obs = notify::recommended_watcher(move |_e: notify::Result<notify::Event>| {
+        let _ = tx.send(());
+    })
+    .unwrap();
+    obs.watch(dst_file.parent().unwrap(), notify::RecursiveMode::NonRecursive).unwrap();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut content = format!("edit {i:06} ").into_bytes();
+        content.resize(1024, b'x');
+        while rx.try_recv().is_ok() {}
+        let t0 = Instant::now();
+        std::fs::write(src_file, &content).unwrap();
+        loop {
+            if std::fs::read(dst_file).map(|b| b == content).unwrap_or(false) {
+                break;
+            }
+            let _ = rx.recv_timeout(Duration::from_millis(100));
+            assert!(t0.elapsed() < Duration::from_secs(10), "edit {i} never became visible");
+        }
+        out.push(t0.elapsed().as_secs_f64() * 1e3);
+        // Let the previous edit's tail (the write's close event) pass.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    out
+}
+
+fn bench_latency(n: usize) {
+    println!("## 1. edit-to-visible latency, 1 KiB file, {n} edits");
+    let d = tempfile::tempdir().unwrap();
+    let (src, floor_dst, dst) = (d.path().join("src"), d.path().join("floor"), d.path().join("out"));
+    for p in [&src, &floor_dst] {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(src.join("f.txt"), vec![b'x'; 1024]).unwrap();
+
+    // Floor: an inotify watcher that copies the file itself.
+    let floor = {
+        let (s, fd) = (src.clone(), floor_dst.clone());
+        let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            if e.is_ok() {
+                let _ = std::fs::copy(s.join("f.txt"), fd.join("f.txt"));
+            }
+        })
+        .unwrap();
+        w.watch(&src, notify::RecursiveMode::NonRecursive).unwrap();
+        let r = measure_edits(&src.join("f.txt"), &floor_dst.join("f.txt"), n);
+        drop(w);
+        r
+    };
+    write_config(d.path(), "src", "out");
+    let w = Watch::start(d.path());
+    let ours = measure_edits(&src.join("f.txt"), &dst.join("f.txt"), n);
+    drop(w);
+    let (mut f, mut o) = (floor, ours);
+    let (f50, f99, o50, o99) = (percentile(&mut f, 0.5), percentile(&mut f, 0.99), percentile(&mut o, 0.5), percentile(&mut o, 0.99));
+    println!("floor (inotify + copy): p50 {f50:.3} ms  p99 {f99:.3} ms");
+    println!("devloop (local agent):  p50 {o50:.3} ms  p99 {o99:.3} ms");
+    println!("ratio p50 {:.2}x  p99 {:.2}x   (target: p50 within 3x)\n", o50 / f50, o99 / f99);
+}
+
+/// A repo-like tree: `files` small files in nested dirs plus `big` binaries.
+fn make_tree(root: &Path, files: usize, big: usize, big_mb: usize) -> u64 {
+    let mut total = 0u64;
+    let mut seed = 0x2545f4914f6cdd1du64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..files {
+        let dir = root.join(format!("pkg{:03}/mod{:02}", i % 300, (i / 300) % 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Sizes like source code: mostly a few KiB, some up to 64 KiB.
+        let size = match rnd() % 10 {
+            0 => 16_384 + (rnd() % 49_152) as usize,
+            _ => 256 + (rnd() % 8_000) as usize,
+        };
+        let line = format!("// file {i}: some source text that compresses like code\n");
+        let content: Vec<u8> = line.bytes().cycle().take(size).collect();
+        total += size as u64;
+        std::fs::write(dir.join(format!("f{i}.rs")), content).unwrap();
+    }
+    std::fs::create_dir_all(root.join("assets")).unwrap();
+    for b in 0..big {
+        let mut data = vec![0u8; big_mb << 20];
+        for chunk in data.chunks_mut(8) {
+            chunk.copy_from_slice(&rnd().to_le_bytes()[..chunk.len()]);
+        }
+        total += data.len() as u64;
+        std::fs::write(root.join(format!("assets/blob{b}.bin")), data).unwrap();
+    }
+    total
+}
+
+fn time_cmd(c: &mut Command) -> f64 {
+    let t0 = Instant::now();
+    let s = c.status().unwrap();
+    assert!(s.success(), "{c:?} failed");
+    t0.elapsed().as_secs_f64()
+}
+
+fn bench_initial() {
+    println!("## 2-3. initial sync and unchanged re-sync of a repo-like tree");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    let bytes = make_tree(&src, 20_000, 4, 50);
+    println!("tree: 20000 source files + 4 x 50 MiB binaries = {:.0} MiB", bytes as f64 / (1 << 20) as f64);
+    // Warm the page cache for both contenders alike.
+    let _ = Command::new("tar").args(["-cf", "/dev/null", "-C"]).arg(&src).arg(".").status();
+    let floor_dst = d.path().join("floor");
+    std::fs::create_dir_all(&floor_dst).unwrap();
+    let floor = time_cmd(Command::new("sh").arg("-c").arg(format!(
+        "tar -C '{}' -cf - . | tar -C '{}' -xf -",
+        src.display(),
+        floor_dst.display()
+    )));
+    std::fs::remove_dir_all(&floor_dst).unwrap();
+    write_config(d.path(), "src", "out");
+    let sync = || {
+        time_cmd(
+            Command::new(devloop_bin())
+                .current_dir(d.path())
+                .env("DEVLOOP_AGENT_BIN", agent_bin())
+                .args(["sync", "--once"])
+                .stdout(Stdio::null()),
+        )
+    };
+    let ours = sync();
+    println!("floor (tar -c | tar -x): {floor:.2} s");
+    println!("devloop sync --once:     {ours:.2} s   ratio {:.2}x (target: within 1.5x)", ours / floor);
+    let again = sync();
+    println!("unchanged re-sync:       {again:.3} s   (target: under 1 s)\n");
+}
+
+fn bench_burst() {
+    println!("## 4. 1000-file burst while watching");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    make_tree(&src, 2_000, 0, 0);
+    write_config(d.path(), "src", "out");
+    let w = Watch::start(d.path());
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = w.count_now("sync_started");
+    let t0 = Instant::now();
+    for i in 0..1000 {
+        let p = src.join(format!("burst/d{}/b{i}.txt", i % 25));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("burst file {i}\n")).unwrap();
+    }
+    let written = t0.elapsed().as_secs_f64() * 1e3;
+    let out = d.path().join("out/burst");
+    loop {
+        let n: usize = (0..25).map(|k| std::fs::read_dir(out.join(format!("d{k}"))).map(|r| r.count()).unwrap_or(0)).sum();
+        if n >= 1000 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "burst never fully visible ({n}/1000)");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let visible = t0.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(300));
+    let batches = w.count_now("sync_started");
+    println!("writing 1000 files took {written:.1} ms; all visible after {visible:.1} ms; {batches} batches\n");
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based) of the whole line.
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn bench_idle(secs: u64) {
+    println!("## 5. watcher cost on a 100k-file tree");
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    for i in 0..100_000 {
+        let dir = src.join(format!("a{:02}/b{:03}", i % 50, (i / 50) % 100));
+        if i < 5000 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    write_config(d.path(), "src", "out");
+    let t0 = Instant::now();
+    let w = Watch::start(d.path());
+    let startup = t0.elapsed().as_secs_f64();
+    let pid = w.child.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let c0 = proc_cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(secs));
+    let c1 = proc_cpu_ticks(pid);
+    let hz = 100.0; // USER_HZ on Linux
+    let cpu_pct = (c1 - c0) as f64 / hz / secs as f64 * 100.0;
+    println!(
+        "100000 files in 5000 dirs: initial sync + watch setup {startup:.2} s; idle CPU over {secs} s: {cpu_pct:.2}% of a core; devloop RSS {:.1} MiB\n",
+        rss_kib(pid) as f64 / 1024.0
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; ignore it.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle".into());
+    let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    for part in only.split(',') {
+        match part.trim() {
+            "latency" => bench_latency(edits),
+            "initial" => bench_initial(),
+            "burst" => bench_burst(),
+            "idle" => bench_idle(idle),
+            other => eprintln!("unknown bench part {other}"),
+        }
+    }
+}
