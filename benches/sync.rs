@@ -25,7 +25,11 @@ fn devloop_bin() -> PathBuf {
 
 fn agent_bin() -> PathBuf {
     let a = devloop_bin().with_file_name("devloop-agent");
-    assert!(a.is_file(), "{} missing: run bench/run, which builds it", a.display());
+    assert!(
+        a.is_file(),
+        "{} missing: run bench/run, which builds it",
+        a.display()
+    );
     a
 }
 
@@ -72,7 +76,10 @@ impl Watch {
     fn wait(&self, kind: &str, t: Duration) -> serde_json::Value {
         let deadline = Instant::now() + t;
         loop {
-            let v = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("no {kind} event"));
+            let v = self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no {kind} event"));
             if v["type"] == kind {
                 return v;
             }
@@ -105,7 +112,11 @@ fn measure_edits(src_file: &Path, dst_file: &Path, n: usize) -> Vec<f64> {
         let _ = tx.send(());
     })
     .unwrap();
-    obs.watch(dst_file.parent().unwrap(), notify::RecursiveMode::NonRecursive).unwrap();
+    obs.watch(
+        dst_file.parent().unwrap(),
+        notify::RecursiveMode::NonRecursive,
+    )
+    .unwrap();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let mut content = format!("edit {i:06} ").into_bytes();
@@ -114,11 +125,17 @@ fn measure_edits(src_file: &Path, dst_file: &Path, n: usize) -> Vec<f64> {
         let t0 = Instant::now();
         std::fs::write(src_file, &content).unwrap();
         loop {
-            if std::fs::read(dst_file).map(|b| b == content).unwrap_or(false) {
+            if std::fs::read(dst_file)
+                .map(|b| b == content)
+                .unwrap_or(false)
+            {
                 break;
             }
             let _ = rx.recv_timeout(Duration::from_millis(100));
-            assert!(t0.elapsed() < Duration::from_secs(10), "edit {i} never became visible");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "edit {i} never became visible"
+            );
         }
         out.push(t0.elapsed().as_secs_f64() * 1e3);
         // Let the previous edit's tail (the write's close event) pass.
@@ -130,7 +147,11 @@ fn measure_edits(src_file: &Path, dst_file: &Path, n: usize) -> Vec<f64> {
 fn bench_latency(n: usize) {
     println!("## 1. edit-to-visible latency, 1 KiB file, {n} edits");
     let d = tempfile::tempdir().unwrap();
-    let (src, floor_dst, dst) = (d.path().join("src"), d.path().join("floor"), d.path().join("out"));
+    let (src, floor_dst, dst) = (
+        d.path().join("src"),
+        d.path().join("floor"),
+        d.path().join("out"),
+    );
     for p in [&src, &floor_dst] {
         std::fs::create_dir_all(p).unwrap();
     }
@@ -155,10 +176,19 @@ fn bench_latency(n: usize) {
     let ours = measure_edits(&src.join("f.txt"), &dst.join("f.txt"), n);
     drop(w);
     let (mut f, mut o) = (floor, ours);
-    let (f50, f99, o50, o99) = (percentile(&mut f, 0.5), percentile(&mut f, 0.99), percentile(&mut o, 0.5), percentile(&mut o, 0.99));
+    let (f50, f99, o50, o99) = (
+        percentile(&mut f, 0.5),
+        percentile(&mut f, 0.99),
+        percentile(&mut o, 0.5),
+        percentile(&mut o, 0.99),
+    );
     println!("floor (inotify + copy): p50 {f50:.3} ms  p99 {f99:.3} ms");
     println!("devloop (local agent):  p50 {o50:.3} ms  p99 {o99:.3} ms");
-    println!("ratio p50 {:.2}x  p99 {:.2}x   (target: p50 within 3x)\n", o50 / f50, o99 / f99);
+    println!(
+        "ratio p50 {:.2}x  p99 {:.2}x   (target: p50 within 3x)\n",
+        o50 / f50,
+        o99 / f99
+    );
 }
 
 /// A repo-like tree: `files` small files in nested dirs plus `big` binaries.
@@ -208,9 +238,16 @@ fn bench_initial() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
     let bytes = make_tree(&src, 20_000, 4, 50);
-    println!("tree: 20000 source files + 4 x 50 MiB binaries = {:.0} MiB", bytes as f64 / (1 << 20) as f64);
+    println!(
+        "tree: 20000 source files + 4 x 50 MiB binaries = {:.0} MiB",
+        bytes as f64 / (1 << 20) as f64
+    );
     // Warm the page cache for both contenders alike.
-    let _ = Command::new("tar").args(["-cf", "/dev/null", "-C"]).arg(&src).arg(".").status();
+    let _ = Command::new("tar")
+        .args(["-cf", "/dev/null", "-C"])
+        .arg(&src)
+        .arg(".")
+        .status();
     let floor_dst = d.path().join("floor");
     std::fs::create_dir_all(&floor_dst).unwrap();
     let floor = time_cmd(Command::new("sh").arg("-c").arg(format!(
@@ -231,7 +268,10 @@ fn bench_initial() {
     };
     let ours = sync();
     println!("floor (tar -c | tar -x): {floor:.2} s");
-    println!("devloop sync --once:     {ours:.2} s   ratio {:.2}x (target: within 1.5x)", ours / floor);
+    println!(
+        "devloop sync --once:     {ours:.2} s   ratio {:.2}x (target: within 1.5x)",
+        ours / floor
+    );
     let again = sync();
     println!("unchanged re-sync:       {again:.3} s   (target: under 1 s)\n");
 }
@@ -254,11 +294,20 @@ fn bench_burst() {
     let written = t0.elapsed().as_secs_f64() * 1e3;
     let out = d.path().join("out/burst");
     loop {
-        let n: usize = (0..25).map(|k| std::fs::read_dir(out.join(format!("d{k}"))).map(|r| r.count()).unwrap_or(0)).sum();
+        let n: usize = (0..25)
+            .map(|k| {
+                std::fs::read_dir(out.join(format!("d{k}")))
+                    .map(|r| r.count())
+                    .unwrap_or(0)
+            })
+            .sum();
         if n >= 1000 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "burst never fully visible ({n}/1000)");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "burst never fully visible ({n}/1000)"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     let visible = t0.elapsed().as_secs_f64() * 1e3;
@@ -272,7 +321,8 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
     let after = s.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     // utime and stime are fields 14 and 15 (1-based) of the whole line.
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -315,9 +365,18 @@ fn bench_idle(secs: u64) {
 fn main() {
     // `cargo bench` passes --bench; ignore it.
     let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle".into());
-    let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
-    println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let edits = std::env::var("BENCH_EDITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let idle = std::env::var("BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    println!(
+        "# devloop sync benchmarks ({} cores)\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     for part in only.split(',') {
         match part.trim() {
             "latency" => bench_latency(edits),

@@ -54,8 +54,7 @@ enum Req {
     },
     Batch {
         id: u64,
-        stream: Option<u32>,
-        opened: oneshot::Sender<Option<StreamSender>>,
+        stream: Option<StreamSender>,
         reply: oneshot::Sender<Result<Applied, LinkError>>,
     },
 }
@@ -145,19 +144,19 @@ impl Link {
         let id = self.id();
         let stream_id = with_data.then_some(id as u32);
         let (reply, applied) = oneshot::channel();
-        let (opened_tx, opened) = oneshot::channel();
-        // The dispatcher registers the batch and opens the credit window (it
-        // owns the credit table) before the agent can possibly answer: the
-        // batch is only announced once `opened` says so.
+        let stream = stream_id.map(|s| StreamSender::new(s, self.out.clone()));
+        // The dispatcher registers the batch and its credit window. It reads
+        // requests before incoming messages (biased), and this request is
+        // queued before the batch is announced, so it is registered before
+        // any answer to the batch can be read.
+        let registration = stream.clone();
         self.req
             .send(Req::Batch {
                 id,
-                stream: stream_id,
-                opened: opened_tx,
+                stream: registration,
                 reply,
             })
             .map_err(|_| self.lost())?;
-        let stream = opened.await.map_err(|_| self.lost())?;
         self.out
             .control(Control::Batch {
                 id,
@@ -223,10 +222,11 @@ async fn dispatch(
             biased;
             r = req_rx.recv() => match r {
                 Some(Req::Index { id, reply }) => { indexes.insert(id, (Vec::new(), reply)); }
-                Some(Req::Batch { id, stream, opened, reply }) => {
-                    let sender = stream.map(|s| credits.open(s, out.clone()));
+                Some(Req::Batch { id, stream, reply }) => {
+                    if let Some(s) = &stream {
+                        credits.register(s);
+                    }
                     batches.insert(id, reply);
-                    let _ = opened.send(sender);
                 }
                 // The Link was dropped: close the session.
                 None => {

@@ -337,7 +337,13 @@ impl Engine {
                 tokio::task::block_in_place(|| self.rescan_plan())
             } else {
                 let d = std::mem::take(&mut dirty);
-                let (plan, again) = tokio::task::block_in_place(|| self.examine(d));
+                // A few paths are examined in place: handing the worker over
+                // (block_in_place) costs more than reading a small file.
+                let (plan, again) = if d.len() <= 16 {
+                    self.examine(d)
+                } else {
+                    tokio::task::block_in_place(|| self.examine(d))
+                };
                 rescan |= again;
                 plan
             };

@@ -161,8 +161,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task: the agent's async work is routing bytes
+    // between tasks, which is fastest without cross-thread wakeups; applying
+    // batches, indexing and hashing run on threads of their own.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

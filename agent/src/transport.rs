@@ -442,13 +442,15 @@ pub struct Credits {
 impl Credits {
     /// Opens a stream with a full window and returns its sender.
     pub fn open(&mut self, stream: u32, out: Outbound) -> StreamSender {
-        let sem = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
-        self.windows.insert(stream, sem.clone());
-        StreamSender {
-            stream,
-            out,
-            credit: sem,
-        }
+        let s = StreamSender::new(stream, out);
+        self.register(&s);
+        s
+    }
+
+    /// Registers a sender created elsewhere (so its creator need not wait
+    /// for the task that owns this table).
+    pub fn register(&mut self, s: &StreamSender) {
+        self.windows.insert(s.stream, s.credit.clone());
     }
 
     /// Applies a credit message; unknown streams (already finished) are ignored.
@@ -471,7 +473,8 @@ impl Credits {
     }
 }
 
-/// Sends one data stream within its credit window.
+/// Sends one data stream within its credit window. Clones share the window.
+#[derive(Clone)]
 pub struct StreamSender {
     stream: u32,
     out: Outbound,
@@ -479,6 +482,15 @@ pub struct StreamSender {
 }
 
 impl StreamSender {
+    /// A sender with a full window; register it with [`Credits`].
+    pub fn new(stream: u32, out: Outbound) -> StreamSender {
+        StreamSender {
+            stream,
+            out,
+            credit: Arc::new(Semaphore::new(STREAM_WINDOW as usize)),
+        }
+    }
+
     /// Sends bytes, cut into chunks, waiting for credit as needed.
     pub async fn send(&self, mut bytes: &[u8]) -> Result<(), Closed> {
         while !bytes.is_empty() {
