@@ -225,13 +225,7 @@ fn killing_the_agent_mid_batch_leaves_old_or_new_files_and_converges() {
     }
     let mut w = p.watch();
     wait_converged(&p, Some(&mut w), T);
-    let pid = w
-        .seen
-        .iter()
-        .find(|v| v["type"] == "agent_connected")
-        .unwrap()["pid"]
-        .as_u64()
-        .unwrap() as i32;
+    let pid = w.agent_pid();
     for i in 0..N {
         p.replace(&format!("f{i}"), &vec![b'n'; 1 << 20]);
     }
@@ -298,13 +292,7 @@ fn post_sync_commands_run_on_matching_changes_and_the_app_restarts() {
     let ex = w.wait_event("command_exited", T);
     assert_eq!(ex["code"], 3, "{}", w.dump());
     // Ctrl-C stops the agent and the app: nothing is left running.
-    let agent = w
-        .seen
-        .iter()
-        .find(|v| v["type"] == "agent_connected")
-        .unwrap()["pid"]
-        .as_u64()
-        .unwrap() as i32;
+    let agent = w.agent_pid();
     assert_eq!(w.interrupt(), 0);
     let deadline = Instant::now() + Duration::from_secs(5);
     while (unsafe { libc::kill(agent, 0) } == 0 || unsafe { libc::kill(second as i32, 0) } == 0)

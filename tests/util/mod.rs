@@ -148,6 +148,13 @@ impl Watching {
         self.wait_event(kind, timeout)
     }
 
+    /// The pid of the agent of the first session.
+    pub fn agent_pid(&mut self) -> i32 {
+        self.wait_first("agent_connected", Duration::from_secs(20))["pid"]
+            .as_u64()
+            .unwrap() as i32
+    }
+
     /// Takes whatever events are already waiting.
     pub fn drain(&mut self) {
         while let Ok(v) = self.rx.try_recv() {
