@@ -248,15 +248,34 @@ fn bench_initial() {
         .arg(&src)
         .arg(".")
         .status();
-    let floor_dst = d.path().join("floor");
-    std::fs::create_dir_all(&floor_dst).unwrap();
-    let floor = time_cmd(Command::new("sh").arg("-c").arg(format!(
-        "tar -C '{}' -cf - . | tar -C '{}' -xf -",
-        src.display(),
-        floor_dst.display()
-    )));
-    std::fs::remove_dir_all(&floor_dst).unwrap();
-    write_config(d.path(), "src", "out");
+    // This machine's disk makes file creation swing several-fold with
+    // pending writeback and discards: flush before every timed run, never
+    // delete right before one, and alternate the contenders, keeping the
+    // best of each.
+    let flush = || {
+        let _ = Command::new("sync").status();
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let (mut floor, mut ours) = (f64::MAX, f64::MAX);
+    for round in 0..2 {
+        let floor_dst = d.path().join(format!("floor{round}"));
+        std::fs::create_dir_all(&floor_dst).unwrap();
+        flush();
+        floor = floor.min(time_cmd(Command::new("sh").arg("-c").arg(format!(
+            "tar -C '{}' -cf - . | tar -C '{}' -xf -",
+            src.display(),
+            floor_dst.display()
+        ))));
+        write_config(d.path(), "src", &format!("out{round}"));
+        flush();
+        ours = ours.min(time_cmd(
+            Command::new(devloop_bin())
+                .current_dir(d.path())
+                .env("DEVLOOP_AGENT_BIN", agent_bin())
+                .args(["sync", "--once"])
+                .stdout(Stdio::null()),
+        ));
+    }
     let sync = || {
         time_cmd(
             Command::new(devloop_bin())
@@ -266,10 +285,9 @@ fn bench_initial() {
                 .stdout(Stdio::null()),
         )
     };
-    let ours = sync();
-    println!("floor (tar -c | tar -x): {floor:.2} s");
+    println!("floor (tar -c | tar -x): {floor:.2} s (best of 2)");
     println!(
-        "devloop sync --once:     {ours:.2} s   ratio {:.2}x (target: within 1.5x)",
+        "devloop sync --once:     {ours:.2} s (best of 2)   ratio {:.2}x (target: within 1.5x)",
         ours / floor
     );
     let again = sync();
