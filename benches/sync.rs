@@ -103,79 +103,96 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Measures edit-to-visible latencies: `edit(i)` changes `src_file`, then
-/// waits (via inotify on the target's directory) until `dst_file` holds the
-/// new content.
-fn measure_edits(src_file: &Path, dst_file: &Path, n: usize) -> Vec<f64> {
-    let (tx, rx) = mpsc::channel();
-    let mut obs = notify::recommended_watcher(move |_e: notify::Result<notify::Event>| {
-        let _ = tx.send(());
-    })
-    .unwrap();
-    obs.watch(
-        dst_file.parent().unwrap(),
-        notify::RecursiveMode::NonRecursive,
-    )
-    .unwrap();
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
+/// Waits for edits of one file to become visible in its copy.
+struct Observer {
+    src: PathBuf,
+    dst: PathBuf,
+    rx: mpsc::Receiver<()>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Observer {
+    fn new(src: PathBuf, dst: PathBuf) -> Observer {
+        let (tx, rx) = mpsc::channel();
+        let mut w = notify::recommended_watcher(move |_e: notify::Result<notify::Event>| {
+            let _ = tx.send(());
+        })
+        .unwrap();
+        w.watch(dst.parent().unwrap(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        Observer {
+            src,
+            dst,
+            rx,
+            _watcher: w,
+        }
+    }
+
+    /// Writes a new 1 KiB content in place (truncate + write + close, as
+    /// many editors save) and returns ms until the copy holds it.
+    fn edit(&self, i: usize) -> f64 {
         let mut content = format!("edit {i:06} ").into_bytes();
         content.resize(1024, b'x');
-        while rx.try_recv().is_ok() {}
+        while self.rx.try_recv().is_ok() {}
         let t0 = Instant::now();
-        std::fs::write(src_file, &content).unwrap();
+        std::fs::write(&self.src, &content).unwrap();
         loop {
-            if std::fs::read(dst_file)
+            if std::fs::read(&self.dst)
                 .map(|b| b == content)
                 .unwrap_or(false)
             {
                 break;
             }
-            let _ = rx.recv_timeout(Duration::from_millis(100));
+            let _ = self.rx.recv_timeout(Duration::from_millis(100));
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "edit {i} never became visible"
             );
         }
-        out.push(t0.elapsed().as_secs_f64() * 1e3);
-        // Let the previous edit's tail (the write's close event) pass.
-        std::thread::sleep(Duration::from_millis(5));
+        t0.elapsed().as_secs_f64() * 1e3
     }
-    out
 }
 
 fn bench_latency(n: usize) {
-    println!("## 1. edit-to-visible latency, 1 KiB file, {n} edits");
+    println!("## 1. edit-to-visible latency, 1 KiB file, {n} edits each, interleaved");
     let d = tempfile::tempdir().unwrap();
-    let (src, floor_dst, dst) = (
+    let (fsrc, fdst, src, dst) = (
+        d.path().join("fsrc"),
+        d.path().join("fdst"),
         d.path().join("src"),
-        d.path().join("floor"),
         d.path().join("out"),
     );
-    for p in [&src, &floor_dst] {
+    for p in [&fsrc, &fdst, &src] {
         std::fs::create_dir_all(p).unwrap();
     }
+    std::fs::write(fsrc.join("f.txt"), vec![b'x'; 1024]).unwrap();
     std::fs::write(src.join("f.txt"), vec![b'x'; 1024]).unwrap();
-
     // Floor: an inotify watcher that copies the file itself.
-    let floor = {
-        let (s, fd) = (src.clone(), floor_dst.clone());
-        let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-            if e.is_ok() {
-                let _ = std::fs::copy(s.join("f.txt"), fd.join("f.txt"));
-            }
-        })
+    let (s, t) = (fsrc.join("f.txt"), fdst.join("f.txt"));
+    let mut copier = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok() {
+            let _ = std::fs::copy(&s, &t);
+        }
+    })
+    .unwrap();
+    copier
+        .watch(&fsrc, notify::RecursiveMode::NonRecursive)
         .unwrap();
-        w.watch(&src, notify::RecursiveMode::NonRecursive).unwrap();
-        let r = measure_edits(&src.join("f.txt"), &floor_dst.join("f.txt"), n);
-        drop(w);
-        r
-    };
     write_config(d.path(), "src", "out");
     let w = Watch::start(d.path());
-    let ours = measure_edits(&src.join("f.txt"), &dst.join("f.txt"), n);
+    let floor_obs = Observer::new(fsrc.join("f.txt"), fdst.join("f.txt"));
+    let ours_obs = Observer::new(src.join("f.txt"), dst.join("f.txt"));
+    let (mut f, mut o) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    // Alternate, so both see the same machine state; pause between edits
+    // so each starts from idle, like a person typing.
+    for i in 0..n {
+        f.push(floor_obs.edit(i));
+        std::thread::sleep(Duration::from_millis(3));
+        o.push(ours_obs.edit(i));
+        std::thread::sleep(Duration::from_millis(3));
+    }
     drop(w);
-    let (mut f, mut o) = (floor, ours);
+    drop(copier);
     let (f50, f99, o50, o99) = (
         percentile(&mut f, 0.5),
         percentile(&mut f, 0.99),

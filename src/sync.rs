@@ -21,7 +21,7 @@ use crate::watch::{Change, Watch};
 use devloop_agent::index::{self, Found, Skipped, WalkOptions};
 use devloop_agent::paths;
 use devloop_agent::protocol::{CommandSpec, Entry, EntryKind};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -38,6 +38,9 @@ const INLINE_BATCH_MAX: u64 = 1 << 20;
 const BATCH_BYTES_MAX: u64 = 256 << 20;
 /// Deletions per batch (keeps control messages well under the frame limit).
 const BATCH_DELETES_MAX: usize = 10_000;
+/// A file being written is synced when closed, or after this long if its
+/// writer keeps it open (a log, a long download).
+const WRITE_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// One rule's source side.
 struct Rule {
@@ -307,6 +310,8 @@ impl Engine {
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<LiveEnd, LinkError> {
         let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
+        // Files being written, and since when: held back until closed.
+        let mut writing: HashMap<PathBuf, Instant> = HashMap::new();
         let mut rescan = false;
         let mut first_seen: Option<Instant> = None;
         if let Some(w) = &self.watch {
@@ -314,18 +319,26 @@ impl Engine {
         }
         loop {
             if dirty.is_empty() && !rescan {
+                let hold_until = writing.values().min().map(|t| *t + WRITE_HOLD);
                 tokio::select! {
                     c = changes.recv() => match c {
-                        Some(c) => absorb(c, &mut dirty, &mut rescan),
+                        Some(c) => absorb(c, &mut dirty, &mut writing, &mut rescan),
                         None => return Ok(LiveEnd::Shutdown),
                     },
+                    _ = sleep_until(hold_until) => {}
                     r = link.ended() => return Ok(LiveEnd::Lost(r)),
                     _ = shutdown.changed() => return Ok(LiveEnd::Shutdown),
                 }
-                first_seen = Some(Instant::now());
+                if first_seen.is_none() {
+                    first_seen = Some(Instant::now());
+                }
             }
             while let Ok(c) = changes.try_recv() {
-                absorb(c, &mut dirty, &mut rescan);
+                absorb(c, &mut dirty, &mut writing, &mut rescan);
+            }
+            release_held(&mut writing, &mut dirty);
+            if dirty.is_empty() && !rescan {
+                continue;
             }
             if self.watch.as_ref().is_some_and(|w| w.take_overflow()) {
                 rescan = true;
@@ -359,7 +372,7 @@ impl Engine {
                     r = &mut send => { r?; break; }
                     c = changes.recv() => if let Some(c) = c {
                         if first_seen.is_none() { first_seen = Some(Instant::now()); }
-                        absorb(c, &mut dirty, &mut rescan);
+                        absorb(c, &mut dirty, &mut writing, &mut rescan);
                     },
                 }
             }
@@ -801,10 +814,49 @@ impl Engine {
     }
 }
 
-fn absorb(c: Change, dirty: &mut BTreeSet<PathBuf>, rescan: &mut bool) {
+fn absorb(
+    c: Change,
+    dirty: &mut BTreeSet<PathBuf>,
+    writing: &mut HashMap<PathBuf, Instant>,
+    rescan: &mut bool,
+) {
     match c {
-        Change::Paths(ps) => dirty.extend(ps),
+        Change::Settled(ps) => {
+            for p in ps {
+                writing.remove(&p);
+                dirty.insert(p);
+            }
+        }
+        Change::Writing(ps) => {
+            let now = Instant::now();
+            for p in ps {
+                dirty.remove(&p);
+                writing.entry(p).or_insert(now);
+            }
+        }
         Change::Rescan(_) => *rescan = true,
+    }
+}
+
+/// Moves files held open past [`WRITE_HOLD`] into the dirty set.
+fn release_held(writing: &mut HashMap<PathBuf, Instant>, dirty: &mut BTreeSet<PathBuf>) {
+    if writing.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    writing.retain(|p, since| {
+        let keep = now.duration_since(*since) < WRITE_HOLD;
+        if !keep {
+            dirty.insert(p.clone());
+        }
+        keep
+    });
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,7 +9,7 @@
 //! and the overflow flag set; the engine then rescans everything, which is
 //! correct whatever was lost (events are only hints of where to look).
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,8 +23,14 @@ const QUEUE: usize = 8192;
 /// What the watcher tells the engine.
 #[derive(Debug)]
 pub enum Change {
-    /// These paths (files or directories) may have changed.
-    Paths(Vec<PathBuf>),
+    /// These paths may have changed and are at rest: closed after writing,
+    /// renamed, removed, chmod-ed, or a directory created.
+    Settled(Vec<PathBuf>),
+    /// These files are being written (data modified, or created) and not yet
+    /// closed. Syncing them now would send a half-written file (editors
+    /// that save in place truncate first), so the engine waits for their
+    /// close, or a short deadline for files held open.
+    Writing(Vec<PathBuf>),
     /// Events were lost (queue overflow, kernel queue overflow, watcher
     /// error): look at everything again.
     Rescan(String),
@@ -48,10 +54,14 @@ impl Watch {
                     Change::Rescan("the kernel's event queue overflowed".into())
                 }
                 Ok(ev) => {
-                    if !relevant(&ev.kind) || ev.paths.is_empty() {
+                    if ev.paths.is_empty() {
                         return;
                     }
-                    Change::Paths(ev.paths)
+                    match classify(&ev.kind) {
+                        Some(true) => Change::Writing(ev.paths),
+                        Some(false) => Change::Settled(ev.paths),
+                        None => return,
+                    }
                 }
                 Err(e) => Change::Rescan(format!("watcher error: {e}")),
             };
@@ -110,11 +120,13 @@ impl Watch {
     }
 }
 
-/// Reads and opens change nothing; everything else may.
-fn relevant(kind: &EventKind) -> bool {
+/// None: ignore (reads and opens change nothing); Some(true): a write in
+/// progress; Some(false): a change at rest.
+fn classify(kind: &EventKind) -> Option<bool> {
     match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(false),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Data(_)) | EventKind::Create(CreateKind::File) => Some(true),
+        _ => Some(false),
     }
 }

@@ -335,3 +335,49 @@ fn the_exec_target_runs_the_agent_through_a_user_command() {
         "through exec"
     );
 }
+
+#[test]
+fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
+    use std::io::Write;
+    let p = Project::new();
+    p.write("doc.txt", b"old");
+    let mut w = p.watch();
+    wait_converged(&p, Some(&mut w), T);
+    let target = p.out().join("doc.txt");
+    // An editor saving in place, slowly: truncate, half, pause, rest, close.
+    let mut f = std::fs::File::create(p.src().join("doc.txt")).unwrap();
+    f.write_all(b"first half|").unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(120) {
+        let now = std::fs::read(&target).unwrap();
+        assert!(
+            now == b"old",
+            "target showed a file still being written: {:?}",
+            String::from_utf8_lossy(&now)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    f.write_all(b"second half").unwrap();
+    drop(f);
+    wait_converged(&p, Some(&mut w), T);
+    assert_eq!(std::fs::read(&target).unwrap(), b"first half|second half");
+
+    // A writer that keeps the file open (a log) is still synced, after a
+    // short hold.
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p.src().join("app.log"))
+        .unwrap();
+    log.write_all(b"line 1\n").unwrap();
+    let t0 = Instant::now();
+    while std::fs::read(p.out().join("app.log")).ok().as_deref() != Some(b"line 1\n".as_slice()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "an open file was never synced\n{}",
+            w.dump()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(log);
+}

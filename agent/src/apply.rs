@@ -19,15 +19,43 @@ use devloop_agent::transport::BlockingStreamReader;
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::oneshot;
+
+/// A batch's archive: still arriving (streamed from the connection), or
+/// complete in memory (small batches).
+pub enum Archive {
+    Stream(BlockingStreamReader),
+    Buffered(Vec<u8>),
+}
 
 /// One batch handed to the worker.
 pub struct Job {
     pub deletes: Vec<String>,
-    pub archive: Option<BlockingStreamReader>,
+    pub archive: Option<Archive>,
     pub done: oneshot::Sender<Outcome>,
+}
+
+/// The apply thread, and how many batches it holds.
+pub struct Worker {
+    tx: std::sync::mpsc::Sender<Job>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    /// Queues a batch; false if the thread is gone.
+    pub fn send(&self, job: Job) -> bool {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(job).is_ok()
+    }
+
+    /// True when no batch is queued or being applied: a batch applied
+    /// elsewhere now cannot overtake one.
+    pub fn idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+    }
 }
 
 /// What a batch did.
@@ -40,23 +68,27 @@ pub struct Outcome {
     pub apply_us: u64,
 }
 
-/// Starts the worker thread; batches go in through the returned sender.
-pub fn start(root: PathBuf) -> std::sync::mpsc::Sender<Job> {
+/// Starts the worker thread.
+pub fn start(root: PathBuf) -> Worker {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let count = busy.clone();
     std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || {
             for job in rx {
                 let out = apply(&root, job.deletes, job.archive);
+                count.fetch_sub(1, Ordering::SeqCst);
                 let _ = job.done.send(out);
             }
         })
         // Failing to start a thread at startup leaves nothing to serve.
         .expect("spawn apply thread");
-    tx
+    Worker { tx, busy }
 }
 
-fn apply(root: &Path, deletes: Vec<String>, archive: Option<BlockingStreamReader>) -> Outcome {
+/// Applies one batch: deletions first, then the archive.
+pub fn apply(root: &Path, deletes: Vec<String>, archive: Option<Archive>) -> Outcome {
     let t0 = Instant::now();
     let mut out = Outcome::default();
     for d in deletes {
@@ -66,16 +98,20 @@ fn apply(root: &Path, deletes: Vec<String>, archive: Option<BlockingStreamReader
             Err(message) => out.errors.push(PathError { path: d, message }),
         }
     }
-    if let Some(mut reader) = archive {
-        apply_archive(root, &mut reader, &mut out);
-        // Whatever happened, consume the rest so the sender finishes.
-        reader.drain();
+    match archive {
+        Some(Archive::Stream(mut reader)) => {
+            apply_archive(root, &mut reader, &mut out);
+            // Whatever happened, consume the rest so the sender finishes.
+            reader.drain();
+        }
+        Some(Archive::Buffered(bytes)) => apply_archive(root, &mut bytes.as_slice(), &mut out),
+        None => {}
     }
     out.apply_us = t0.elapsed().as_micros() as u64;
     out
 }
 
-fn apply_archive(root: &Path, reader: &mut BlockingStreamReader, out: &mut Outcome) {
+fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
     let mut ar = tar::Archive::new(reader);
     let entries = match ar.entries() {
         Ok(e) => e,

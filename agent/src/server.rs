@@ -12,7 +12,7 @@ use devloop_agent::transport::{
     self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound,
 };
 use devloop_agent::{paths, VERSION};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +31,7 @@ pub struct Config {
 struct Shared {
     root: PathBuf,
     token: String,
-    apply: std::sync::mpsc::Sender<apply::Job>,
+    apply: apply::Worker,
     app: run::AppHandle,
 }
 
@@ -124,7 +124,11 @@ where
     });
     let mut app_events = shared.app.subscribe();
     let post_sync = start_post_sync(shared.clone(), out.clone());
-    let mut streams: HashMap<u32, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    // Open streams: small archives are buffered here, large ones piped to
+    // the apply thread as they arrive.
+    let mut streams: HashMap<u32, StreamIn> = HashMap::new();
+    // Batches not yet applied or handed over, in arrival order.
+    let mut queued: VecDeque<Queued> = VecDeque::new();
     let end = loop {
         let item = tokio::select! {
             item = rx.recv() => item,
@@ -142,20 +146,44 @@ where
         let Some(item) = item else { break End::Eof };
         match item {
             Incoming::Ended(e) => break e,
-            Incoming::Data { stream, bytes } => match streams.get(&stream) {
-                Some(tx) => {
-                    let last = bytes.is_empty();
-                    let _ = tx.send(bytes);
-                    if last {
-                        streams.remove(&stream);
-                    }
-                }
-                None => {
+            Incoming::Data { stream, bytes } => {
+                let Some(state) = streams.get_mut(&stream) else {
                     let m = format!("data for stream {stream}, which no batch announced");
                     fatal(&out, &m);
                     break End::Protocol(m);
+                };
+                let last = bytes.is_empty();
+                match state {
+                    StreamIn::Buffer(buf) if !last && buf.len() + bytes.len() > INLINE_MAX => {
+                        // Too big to hold: stream it to the apply thread.
+                        let (reader, tx) = BlockingStreamReader::new(stream, out.clone());
+                        let _ = tx.send(std::mem::take(buf));
+                        let _ = tx.send(bytes);
+                        if let Some(q) = queued.iter_mut().find(|q| q.stream == Some(stream)) {
+                            q.archive = Some(apply::Archive::Stream(reader));
+                        }
+                        *state = StreamIn::Pipe(tx);
+                    }
+                    StreamIn::Buffer(buf) if !last => buf.extend_from_slice(&bytes),
+                    StreamIn::Buffer(buf) => {
+                        let bytes = std::mem::take(buf);
+                        if let Some(q) = queued.iter_mut().find(|q| q.stream == Some(stream)) {
+                            q.archive = Some(apply::Archive::Buffered(bytes));
+                        }
+                        streams.remove(&stream);
+                    }
+                    StreamIn::Pipe(tx) => {
+                        let _ = tx.send(bytes);
+                        if last {
+                            streams.remove(&stream);
+                        }
+                    }
                 }
-            },
+                if !dispatch(&mut queued, &shared) {
+                    fatal(&out, "the apply worker is gone");
+                    break End::Io("apply worker stopped".into());
+                }
+            }
             Incoming::Control(c) => match c {
                 Control::IndexRequest { id, under, prune } => {
                     tokio::spawn(send_index(
@@ -173,29 +201,22 @@ where
                     commands,
                     restart,
                 } => {
-                    let archive = match stream {
-                        Some(s) if streams.contains_key(&s) => {
+                    if let Some(s) = stream {
+                        if streams.contains_key(&s) {
                             let m = format!("batch {id} reuses stream {s}, which is still open");
                             fatal(&out, &m);
                             break End::Protocol(m);
                         }
-                        Some(s) => {
-                            let (reader, tx) = BlockingStreamReader::new(s, out.clone());
-                            streams.insert(s, tx);
-                            Some(reader)
-                        }
-                        None => None,
-                    };
+                        streams.insert(s, StreamIn::Buffer(Vec::new()));
+                    }
                     let (done, result) = tokio::sync::oneshot::channel();
-                    if shared
-                        .apply
-                        .send(apply::Job {
-                            deletes,
-                            archive,
-                            done,
-                        })
-                        .is_err()
-                    {
+                    queued.push_back(Queued {
+                        stream,
+                        deletes,
+                        archive: None,
+                        done,
+                    });
+                    if !dispatch(&mut queued, &shared) {
                         fatal(&out, "the apply worker is gone");
                         break End::Io("apply worker stopped".into());
                     }
@@ -248,6 +269,49 @@ where
     // error: its files stay as they were (temporaries are removed).
     drop(streams);
     clean
+}
+
+/// Archives up to this size are collected in memory and, when nothing else
+/// is being applied, applied right here: a single edit then costs no
+/// hand-over to another thread.
+const INLINE_MAX: usize = 1 << 20;
+
+/// The receiving state of one stream.
+enum StreamIn {
+    Buffer(Vec<u8>),
+    Pipe(mpsc::UnboundedSender<Vec<u8>>),
+}
+
+/// A batch waiting for its archive or for its turn.
+struct Queued {
+    stream: Option<u32>,
+    deletes: Vec<String>,
+    archive: Option<apply::Archive>,
+    done: tokio::sync::oneshot::Sender<apply::Outcome>,
+}
+
+/// Applies or hands over queued batches, in order, as far as their archives
+/// allow. Returns false if the apply thread is gone.
+fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
+    while let Some(q) = queued.front() {
+        let ready = q.stream.is_none() || q.archive.is_some();
+        if !ready {
+            break;
+        }
+        let q = queued.pop_front().expect("front exists");
+        let small = !matches!(q.archive, Some(apply::Archive::Stream(_)));
+        if small && shared.apply.idle() {
+            let out = apply::apply(&shared.root, q.deletes, q.archive);
+            let _ = q.done.send(out);
+        } else if !shared.apply.send(apply::Job {
+            deletes: q.deletes,
+            archive: q.archive,
+            done: q.done,
+        }) {
+            return false;
+        }
+    }
+    true
 }
 
 fn fatal(out: &Outbound, message: &str) {

@@ -339,7 +339,38 @@ where
                     None => continue,
                 },
             };
-            if sink.send(msg).await.is_err() {
+            if sink.feed(msg).await.is_err() {
+                break;
+            }
+            // Whatever else is ready goes out in the same write (a batch's
+            // announcement, data and end marker arrive together, and the
+            // peer wakes once). Control still goes first; a bounded number
+            // of messages keeps the flush prompt.
+            let mut closing = None;
+            for _ in 0..32 {
+                let next = match ctl_rx.try_recv() {
+                    Ok(Out::Control(c)) => Message::Binary(Frame::Control(c).encode().into()),
+                    Ok(Out::Close(code, reason)) => {
+                        closing = Some(CloseFrame {
+                            code: CloseCode::from(code),
+                            reason: reason.into(),
+                        });
+                        break;
+                    }
+                    Err(_) => match data_rx.try_recv() {
+                        Ok(d) => Message::Binary(d.into()),
+                        Err(_) => break,
+                    },
+                };
+                if sink.feed(next).await.is_err() {
+                    break;
+                }
+            }
+            if let Some(f) = closing {
+                let _ = sink.send(Message::Close(Some(f))).await;
+                break;
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
