@@ -173,6 +173,39 @@ impl Link {
         })
     }
 
+    /// Sends a small batch whole: announcement, archive and end marker in
+    /// one write (the archive must fit a stream window). Returns the
+    /// acknowledgement to await.
+    pub fn inline_batch(
+        &mut self,
+        deletes: Vec<String>,
+        commands: Vec<CommandSpec>,
+        restart: bool,
+        archive: &[u8],
+    ) -> Result<oneshot::Receiver<Result<Applied, LinkError>>, LinkError> {
+        let id = self.id();
+        let (reply, applied) = oneshot::channel();
+        // No credit window to register: the whole archive fits a fresh one.
+        self.req
+            .send(Req::Batch {
+                id,
+                stream: None,
+                reply,
+            })
+            .map_err(|_| self.lost())?;
+        let batch = Control::Batch {
+            id,
+            deletes,
+            stream: Some(id as u32),
+            commands,
+            restart,
+        };
+        self.out
+            .control_with_stream(batch, id as u32, archive)
+            .map_err(|_| self.lost())?;
+        Ok(applied)
+    }
+
     /// Sets (or clears) the app the agent runs.
     pub fn configure_app(&self, app: Option<AppSpec>) {
         let _ = self.out.control(Control::AppConfigure { app });

@@ -737,40 +737,40 @@ impl Engine {
             deletes: deletes.len() as u64,
             bytes,
         });
-        let pending = link
-            .begin_batch(deletes.clone(), commands, restart, !writes.is_empty())
-            .await?;
-        let sent: Vec<Entry> = match pending.stream {
-            None => Vec::new(),
-            Some(stream) => {
-                let inline = bytes <= INLINE_BATCH_MAX
-                    && writes
-                        .iter()
-                        .all(|w| w.kind != EntryKind::File || w.content.is_some());
-                if inline {
-                    let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
-                    let sent = build_archive(&mut buf, writes);
-                    stream
-                        .send(&buf)
-                        .await
-                        .map_err(|_| LinkError::Lost("connection closed while sending".into()))?;
-                    stream
-                        .finish()
-                        .await
-                        .map_err(|_| LinkError::Lost("connection closed while sending".into()))?;
-                    sent
-                } else {
-                    let rt = tokio::runtime::Handle::current();
-                    let build = tokio::task::spawn_blocking(move || {
-                        let mut w = stream.blocking_writer(rt);
-                        let sent = build_archive(&mut w, writes);
-                        w.finish().map(|_| sent)
-                    });
-                    match build.await {
-                        Ok(Ok(s)) => s,
-                        _ => return Err(LinkError::Lost("connection closed while sending".into())),
-                    }
-                }
+        let closed = || LinkError::Lost("connection closed while sending".into());
+        let inline = bytes <= INLINE_BATCH_MAX
+            && writes
+                .iter()
+                .all(|w| w.kind != EntryKind::File || w.content.is_some());
+        let (sent, applied) = if writes.is_empty() {
+            (
+                Vec::new(),
+                link.begin_batch(deletes.clone(), commands, restart, false)
+                    .await?
+                    .applied,
+            )
+        } else if inline {
+            // The fast path for an edit: built in memory, sent in one write.
+            let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
+            let sent = build_archive(&mut buf, writes);
+            (
+                sent,
+                link.inline_batch(deletes.clone(), commands, restart, &buf)?,
+            )
+        } else {
+            let pending = link
+                .begin_batch(deletes.clone(), commands, restart, true)
+                .await?;
+            let stream = pending.stream.ok_or_else(closed)?;
+            let rt = tokio::runtime::Handle::current();
+            let build = tokio::task::spawn_blocking(move || {
+                let mut w = stream.blocking_writer(rt);
+                let sent = build_archive(&mut w, writes);
+                w.finish().map(|_| sent)
+            });
+            match build.await {
+                Ok(Ok(s)) => (s, pending.applied),
+                _ => return Err(closed()),
             }
         };
         let Applied {
@@ -779,8 +779,7 @@ impl Engine {
             bytes,
             errors,
             ..
-        } = pending
-            .applied
+        } = applied
             .await
             .map_err(|_| LinkError::Lost("connection closed".into()))??;
         for d in &deletes {

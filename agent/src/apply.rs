@@ -247,6 +247,22 @@ fn ensure_dirs(root: &Path, parents: &[&str]) -> Result<PathBuf, String> {
     Ok(p)
 }
 
+static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Reads the process umask. Reading it means setting it, so call this once
+/// at startup, before any other thread exists or any process is spawned.
+pub fn init_umask() {
+    // SAFETY: umask(2) swaps a process-wide integer; single-threaded here.
+    let m = unsafe { libc::umask(0o077) };
+    unsafe { libc::umask(m) };
+    let _ = UMASK.set(m as u32);
+}
+
+/// The umask read at startup (the strictest one if it was not read).
+fn umask() -> u32 {
+    UMASK.get().copied().unwrap_or(0o777)
+}
+
 fn temp_name(dir: &Path) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     dir.join(format!(
@@ -259,13 +275,19 @@ fn temp_name(dir: &Path) -> PathBuf {
 fn write_file(dir: &Path, target: &Path, src: &mut impl Read, mode: u32) -> io::Result<u64> {
     let tmp = temp_name(dir);
     let res = (|| {
+        // Created with its final mode when the umask cannot have changed it
+        // (the common 0644/0755 under umask 022), saving an fchmod on the
+        // hot path; otherwise private first, then the exact mode.
+        let direct = mode & umask() == 0;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(if direct { mode } else { 0o600 })
             .open(&tmp)?;
         let n = io::copy(src, &mut f)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        if !direct {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         drop(f);
         replace(&tmp, target)?;
         Ok(n)

@@ -137,6 +137,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    apply::init_umask();
     // Children (the app, post-sync commands) must not inherit the token.
     // Safe here: no other thread exists yet.
     std::env::remove_var(devloop_agent::protocol::TOKEN_ENV);

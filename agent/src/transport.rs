@@ -252,6 +252,11 @@ impl std::fmt::Display for End {
 
 enum Out {
     Control(Control),
+    /// Pre-encoded messages written together (a small batch: its
+    /// announcement, data and end marker).
+    Group(Vec<Vec<u8>>),
+    Data(Vec<u8>),
+    Ping,
     Close(u16, String),
 }
 
@@ -271,6 +276,21 @@ impl Outbound {
     /// Queues a control message ahead of any data.
     pub fn control(&self, c: Control) -> Result<(), Closed> {
         self.ctl.send(Out::Control(c)).map_err(|_| Closed)
+    }
+
+    /// Sends a control message and a whole small stream (announced by that
+    /// message) in one write. Only for a fresh stream whose bytes fit its
+    /// window ([`STREAM_WINDOW`]), so no credit is needed.
+    pub fn control_with_stream(&self, c: Control, stream: u32, bytes: &[u8]) -> Result<(), Closed> {
+        debug_assert!(bytes.len() <= STREAM_WINDOW as usize);
+        let mut g = vec![Frame::Control(c).encode()];
+        g.extend(
+            bytes
+                .chunks(CHUNK_SIZE)
+                .map(|c| protocol::encode_data(stream, c)),
+        );
+        g.push(protocol::encode_data(stream, &[]));
+        self.ctl.send(Out::Group(g)).map_err(|_| Closed)
     }
 
     /// Sends a close frame after what is queued, then stops the writer.
@@ -316,59 +336,44 @@ where
     tokio::spawn(async move {
         let mut ping = tokio::time::interval(hb.interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let msg = tokio::select! {
+        'run: loop {
+            let first = tokio::select! {
                 biased;
-                c = ctl_rx.recv() => match c {
-                    Some(Out::Control(c)) => Message::Binary(Frame::Control(c).encode().into()),
-                    Some(Out::Close(code, reason)) => {
-                        let _ = sink
-                            .send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() })))
-                            .await;
-                        break;
-                    }
-                    None => {
-                        let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }))).await;
-                        break;
-                    }
-                },
-                _ = ping.tick() => Message::Ping(Vec::new().into()),
+                c = ctl_rx.recv() => c.unwrap_or(Out::Close(close_code::NORMAL, String::new())),
+                _ = ping.tick() => Out::Ping,
                 d = data_rx.recv() => match d {
-                    Some(d) => Message::Binary(d.into()),
+                    Some(d) => Out::Data(d),
                     // Every Outbound is gone (data and control close together).
                     None => continue,
                 },
             };
-            if sink.feed(msg).await.is_err() {
-                break;
-            }
-            // Whatever else is ready goes out in the same write (a batch's
-            // announcement, data and end marker arrive together, and the
-            // peer wakes once). Control still goes first; a bounded number
-            // of messages keeps the flush prompt.
-            let mut closing = None;
-            for _ in 0..32 {
-                let next = match ctl_rx.try_recv() {
-                    Ok(Out::Control(c)) => Message::Binary(Frame::Control(c).encode().into()),
-                    Ok(Out::Close(code, reason)) => {
-                        closing = Some(CloseFrame {
-                            code: CloseCode::from(code),
-                            reason: reason.into(),
-                        });
-                        break;
+            // Whatever else is ready goes out in the same write, so the peer
+            // wakes once. Control still goes first; a bound on the number of
+            // items keeps the flush prompt.
+            let mut item = Some(first);
+            let mut n = 0;
+            while let Some(o) = item.take() {
+                match to_messages(o) {
+                    Ok(msgs) => {
+                        for m in msgs {
+                            if sink.feed(m).await.is_err() {
+                                break 'run;
+                            }
+                        }
                     }
-                    Err(_) => match data_rx.try_recv() {
-                        Ok(d) => Message::Binary(d.into()),
-                        Err(_) => break,
-                    },
-                };
-                if sink.feed(next).await.is_err() {
+                    Err(close) => {
+                        let _ = sink.send(Message::Close(Some(close))).await;
+                        break 'run;
+                    }
+                }
+                n += 1;
+                if n == 32 {
                     break;
                 }
-            }
-            if let Some(f) = closing {
-                let _ = sink.send(Message::Close(Some(f))).await;
-                break;
+                item = ctl_rx
+                    .try_recv()
+                    .ok()
+                    .or_else(|| data_rx.try_recv().ok().map(Out::Data));
             }
             if sink.flush().await.is_err() {
                 break;
@@ -431,6 +436,20 @@ where
         let _ = in_tx.send(Incoming::Ended(end)).await;
     });
     (out, in_rx)
+}
+
+/// What one queued item becomes on the wire; `Err` means close and stop.
+fn to_messages(o: Out) -> Result<Vec<Message>, CloseFrame> {
+    match o {
+        Out::Control(c) => Ok(vec![Message::Binary(Frame::Control(c).encode().into())]),
+        Out::Group(g) => Ok(g.into_iter().map(|m| Message::Binary(m.into())).collect()),
+        Out::Data(d) => Ok(vec![Message::Binary(d.into())]),
+        Out::Ping => Ok(vec![Message::Ping(Vec::new().into())]),
+        Out::Close(code, reason) => Err(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        }),
+    }
 }
 
 fn read_error(e: tungstenite::Error, closer: &Outbound) -> End {
