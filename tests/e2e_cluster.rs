@@ -1,0 +1,298 @@
+//! End-to-end checks against the real cluster named by `KUBECONFIG`
+//! (`#[ignore]`d: run with `cargo test --test e2e_cluster -- --ignored`).
+//! They must pass on any conformant cluster: each test makes its own
+//! namespace `devloop-e2e-<random>` and deletes it; images come from
+//! `DEVLOOP_E2E_IMAGE` (default `busybox:1.36`: `sh`, `httpd`, `wget`) and
+//! `DEVLOOP_E2E_NOSHELL_IMAGE` (default `registry.k8s.io/pause:3.9`), pulled
+//! `IfNotPresent`. What a cluster lacks is skipped with a line starting
+//! `SKIP:` naming what is missing.
+//!
+//! This smoke test proves a cluster is real for everything the Kubernetes
+//! target needs: a Deployment comes up; exec with framed stdin; port-forward;
+//! log streaming; a Service routing through kube-proxy from another pod.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, PostParams};
+use kube::Client;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn image() -> String {
+    std::env::var("DEVLOOP_E2E_IMAGE").unwrap_or_else(|_| "busybox:1.36".into())
+}
+
+fn noshell_image() -> String {
+    std::env::var("DEVLOOP_E2E_NOSHELL_IMAGE")
+        .unwrap_or_else(|_| "registry.k8s.io/pause:3.9".into())
+}
+
+/// A client for the cluster in KUBECONFIG, or None (with a SKIP line) when
+/// there is none.
+async fn client() -> Option<Client> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        println!("SKIP: no cluster: KUBECONFIG is not set (scripts/test-cluster up prints one)");
+        return None;
+    }
+    Some(
+        Client::try_default()
+            .await
+            .expect("KUBECONFIG names a cluster devloop can reach"),
+    )
+}
+
+/// A namespace of our own, deleted when the test ends (even on failure).
+struct TestNamespace {
+    name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    async fn create(client: &Client) -> TestNamespace {
+        let suffix: String = devloop::session::new_token()[..8].to_string();
+        let name = format!("devloop-e2e-{suffix}");
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        // The default service account is created asynchronously; pods need it.
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &name);
+        let t0 = Instant::now();
+        while sas.get_opt("default").await.unwrap().is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no default service account in {name}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (name, client) = (self.name.clone(), self.client.clone());
+        // Drop cannot await: delete from a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+fn deployment(name: &str, image: &str, script: &str) -> Deployment {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
+                        "command": ["sh", "-c", script]
+                    }]
+                }
+            }
+        }
+    }))
+    .unwrap()
+}
+
+/// Waits for a running, ready pod with `app=<app>` and returns its name.
+async fn ready_pod(pods: &Api<Pod>, app: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .unwrap();
+        for p in list.items {
+            let st = p.status.clone().unwrap_or_default();
+            let ready = st
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if st.phase.as_deref() == Some("Running")
+                && ready
+                && p.metadata.deletion_timestamp.is_none()
+            {
+                return p.metadata.name.unwrap();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no ready pod for app={app} in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Runs a command in a pod and returns its stdout; `stdin`, when given, is
+/// sent and the command is expected to read exactly that many bytes (some
+/// clusters' exec cannot half-close stdin, so stdin is always framed).
+async fn exec(pods: &Api<Pod>, pod: &str, cmd: &[&str], stdin: Option<&[u8]>) -> String {
+    let ap = AttachParams::default()
+        .stdin(stdin.is_some())
+        .stdout(true)
+        .stderr(false);
+    let mut p = pods
+        .exec(
+            pod,
+            cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            &ap,
+        )
+        .await
+        .unwrap();
+    if let Some(data) = stdin {
+        let mut w = p.stdin().unwrap();
+        w.write_all(data).await.unwrap();
+        w.flush().await.unwrap();
+    }
+    let mut out = String::new();
+    p.stdout().unwrap().read_to_string(&mut out).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), p.join()).await;
+    out
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
+    let Some(client) = client().await else { return };
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+
+    let web = "mkdir -p /tmp/www && echo hello-from-pod > /tmp/www/index.html && echo devloop-ready && exec httpd -f -v -p 8080 -h /tmp/www";
+    deps.create(&PostParams::default(), &deployment("web", &image(), web))
+        .await
+        .unwrap();
+    deps.create(
+        &PostParams::default(),
+        &deployment("client", &image(), "exec sleep 3600"),
+    )
+    .await
+    .unwrap();
+    let pod = ready_pod(&pods, "web").await;
+
+    // Exec, with stdin framed by length.
+    let got = exec(
+        &pods,
+        &pod,
+        &["sh", "-c", "head -c 11 > /tmp/f && cat /tmp/f"],
+        Some(b"hello world"),
+    )
+    .await;
+    assert_eq!(got, "hello world", "exec with framed stdin");
+
+    // Port-forward to httpd.
+    let mut pf = pods.portforward(&pod, &[8080]).await.unwrap();
+    let mut s = pf.take_stream(8080).unwrap();
+    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut resp))
+        .await
+        .expect("port-forward answers")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.contains("200") && resp.contains("hello-from-pod"),
+        "port-forward response: {resp}"
+    );
+    drop(s);
+    let _ = pf.join().await;
+
+    // Logs stream (the readiness line, then httpd's request log).
+    let logs = pods
+        .log_stream(
+            &pod,
+            &LogParams {
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut lines = futures_util::AsyncBufReadExt::lines(logs);
+    let first = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::StreamExt::next(&mut lines),
+    )
+    .await
+    .expect("a log line");
+    assert_eq!(first.and_then(Result::ok).as_deref(), Some("devloop-ready"));
+
+    // A Service routes through kube-proxy from another pod (by ClusterIP:
+    // not every test cluster has DNS).
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    let svc = svcs.create(&PostParams::default(), &svc).await.unwrap();
+    let ip = svc.spec.unwrap().cluster_ip.unwrap();
+    let client_pod = ready_pod(&pods, "client").await;
+    let t0 = Instant::now();
+    loop {
+        let got = exec(
+            &pods,
+            &client_pod,
+            &[
+                "sh",
+                "-c",
+                &format!("wget -q -T 3 -O - http://{ip}/index.html || true"),
+            ],
+            None,
+        )
+        .await;
+        if got.contains("hello-from-pod") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "Service {ip} never routed to the pod (last: {got:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // What the server supports, for the Kubernetes target's no-shell path.
+    let discovery = client.list_core_api_resources("v1").await.unwrap();
+    if discovery
+        .resources
+        .iter()
+        .any(|r| r.name == "pods/ephemeralcontainers")
+    {
+        println!(
+            "ephemeral containers: supported (no-shell image {})",
+            noshell_image()
+        );
+    } else {
+        println!(
+            "SKIP: ephemeral containers: this server has no pods/ephemeralcontainers subresource"
+        );
+    }
+    drop(ns);
+}
