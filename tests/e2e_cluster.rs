@@ -44,7 +44,6 @@ async fn client() -> Option<Client> {
 /// A namespace of our own, deleted when the test ends (even on failure).
 struct TestNamespace {
     name: String,
-    client: Client,
 }
 
 impl TestNamespace {
@@ -70,26 +69,31 @@ impl TestNamespace {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        TestNamespace {
-            name,
-            client: client.clone(),
-        }
+        TestNamespace { name }
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let (name, client) = (self.name.clone(), self.client.clone());
-        // Drop cannot await: delete from a thread with its own runtime.
+        let name = self.name.clone();
+        // Drop cannot await, and the test's runtime (which drives the test's
+        // client) is blocked here: delete from a thread with its own runtime
+        // and its own client.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let _ = Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::default())
+                if let Ok(client) = Client::try_default().await {
+                    let namespaces = Api::<Namespace>::all(client);
+                    let dp = DeleteParams::default();
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        namespaces.delete(&name, &dp),
+                    )
                     .await;
+                }
             });
         })
         .join();
@@ -196,6 +200,7 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
     .unwrap();
     let pod = ready_pod(&pods, "web").await;
 
+    println!("step: exec with framed stdin in {pod}");
     // Exec, with stdin framed by length.
     let got = exec(
         &pods,
@@ -206,8 +211,12 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
     .await;
     assert_eq!(got, "hello world", "exec with framed stdin");
 
+    println!("step: port-forward");
     // Port-forward to httpd.
-    let mut pf = pods.portforward(&pod, &[8080]).await.unwrap();
+    let mut pf = tokio::time::timeout(Duration::from_secs(30), pods.portforward(&pod, &[8080]))
+        .await
+        .expect("port-forward opens")
+        .unwrap();
     let mut s = pf.take_stream(8080).unwrap();
     s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
         .await
@@ -223,7 +232,8 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
         "port-forward response: {resp}"
     );
     drop(s);
-    let _ = pf.join().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), pf.join()).await;
+    println!("step: logs");
 
     // Logs stream (the readiness line, then httpd's request log).
     let logs = pods
@@ -245,6 +255,7 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
     .expect("a log line");
     assert_eq!(first.and_then(Result::ok).as_deref(), Some("devloop-ready"));
 
+    println!("step: service routing");
     // A Service routes through kube-proxy from another pod (by ClusterIP:
     // not every test cluster has DNS).
     let svc: Service = serde_json::from_value(serde_json::json!({
@@ -263,7 +274,9 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
             &[
                 "sh",
                 "-c",
-                &format!("wget -q -T 3 -O - http://{ip}/index.html || true"),
+                // `timeout` rather than wget's -T: Debian's static
+                // busybox 1.35 crashes on -T.
+                &format!("timeout 5 wget -q -O - http://{ip}/index.html || true"),
             ],
             None,
         )
