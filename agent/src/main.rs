@@ -87,11 +87,14 @@ fn read_token(args: &Args) -> Result<String, String> {
             .map_err(|e| format!("cannot read --token-file {}: {e}", f.display()))?
     } else if args.token_stdin {
         let mut line = Vec::new();
-        // Byte by byte, so that nothing after the newline is consumed: the
-        // WebSocket handshake follows on the same stdin.
-        let mut b = [0u8; 1];
+        // Byte by byte and unbuffered (std's stdin buffers): the WebSocket
+        // handshake follows on the same stdin and must be left unread.
         use std::io::Read;
-        let mut stdin = std::io::stdin().lock();
+        use std::os::fd::FromRawFd;
+        // SAFETY: fd 0 is open for the whole process; ManuallyDrop keeps
+        // this File from closing it.
+        let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+        let mut b = [0u8; 1];
         while stdin.read(&mut b).map_err(|e| e.to_string())? == 1 && b[0] != b'\n' {
             line.push(b[0]);
             if line.len() > 4096 {
