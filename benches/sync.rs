@@ -25,11 +25,7 @@ fn devloop_bin() -> PathBuf {
 
 fn agent_bin() -> PathBuf {
     let a = devloop_bin().with_file_name("devloop-agent");
-    assert!(
-        a.is_file(),
-        "{} missing: run bench/run, which builds it",
-        a.display()
-    );
+    assert!(a.is_file(), "{} missing: run bench/run, which builds it", a.display());
     a
 }
 
@@ -118,14 +114,8 @@ impl Observer {
             let _ = tx.send(());
         })
         .unwrap();
-        w.watch(dst.parent().unwrap(), notify::RecursiveMode::NonRecursive)
-            .unwrap();
-        Observer {
-            src,
-            dst,
-            rx,
-            _watcher: w,
-        }
+        w.watch(dst.parent().unwrap(), notify::RecursiveMode::NonRecursive).unwrap();
+        Observer { src, dst, rx, _watcher: w }
     }
 
     /// Writes a new 1 KiB content in place (truncate + write + close, as
@@ -137,17 +127,11 @@ impl Observer {
         let t0 = Instant::now();
         std::fs::write(&self.src, &content).unwrap();
         loop {
-            if std::fs::read(&self.dst)
-                .map(|b| b == content)
-                .unwrap_or(false)
-            {
+            if std::fs::read(&self.dst).map(|b| b == content).unwrap_or(false) {
                 break;
             }
             let _ = self.rx.recv_timeout(Duration::from_millis(100));
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "edit {i} never became visible"
-            );
+            assert!(t0.elapsed() < Duration::from_secs(10), "edit {i} never became visible");
         }
         t0.elapsed().as_secs_f64() * 1e3
     }
@@ -156,12 +140,8 @@ impl Observer {
 fn bench_latency(n: usize) {
     println!("## 1. edit-to-visible latency, 1 KiB file, {n} edits each, interleaved");
     let d = tempfile::tempdir().unwrap();
-    let (fsrc, fdst, src, dst) = (
-        d.path().join("fsrc"),
-        d.path().join("fdst"),
-        d.path().join("src"),
-        d.path().join("out"),
-    );
+    let (fsrc, fdst, src, dst) =
+        (d.path().join("fsrc"), d.path().join("fdst"), d.path().join("src"), d.path().join("out"));
     for p in [&fsrc, &fdst, &src] {
         std::fs::create_dir_all(p).unwrap();
     }
@@ -175,9 +155,7 @@ fn bench_latency(n: usize) {
         }
     })
     .unwrap();
-    copier
-        .watch(&fsrc, notify::RecursiveMode::NonRecursive)
-        .unwrap();
+    copier.watch(&fsrc, notify::RecursiveMode::NonRecursive).unwrap();
     write_config(d.path(), "src", "out");
     let w = Watch::start(d.path());
     let floor_obs = Observer::new(fsrc.join("f.txt"), fdst.join("f.txt"));
@@ -193,19 +171,11 @@ fn bench_latency(n: usize) {
     }
     drop(w);
     drop(copier);
-    let (f50, f99, o50, o99) = (
-        percentile(&mut f, 0.5),
-        percentile(&mut f, 0.99),
-        percentile(&mut o, 0.5),
-        percentile(&mut o, 0.99),
-    );
+    let (f50, f99, o50, o99) =
+        (percentile(&mut f, 0.5), percentile(&mut f, 0.99), percentile(&mut o, 0.5), percentile(&mut o, 0.99));
     println!("floor (inotify + copy): p50 {f50:.3} ms  p99 {f99:.3} ms");
     println!("devloop (local agent):  p50 {o50:.3} ms  p99 {o99:.3} ms");
-    println!(
-        "ratio p50 {:.2}x  p99 {:.2}x   (target: p50 within 3x)\n",
-        o50 / f50,
-        o99 / f99
-    );
+    println!("ratio p50 {:.2}x  p99 {:.2}x   (target: p50 within 3x)\n", o50 / f50, o99 / f99);
 }
 
 /// A repo-like tree: `files` small files in nested dirs plus `big` binaries.
@@ -255,16 +225,9 @@ fn bench_initial() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
     let bytes = make_tree(&src, 20_000, 4, 50);
-    println!(
-        "tree: 20000 source files + 4 x 50 MiB binaries = {:.0} MiB",
-        bytes as f64 / (1 << 20) as f64
-    );
+    println!("tree: 20000 source files + 4 x 50 MiB binaries = {:.0} MiB", bytes as f64 / (1 << 20) as f64);
     // Warm the page cache for both contenders alike.
-    let _ = Command::new("tar")
-        .args(["-cf", "/dev/null", "-C"])
-        .arg(&src)
-        .arg(".")
-        .status();
+    let _ = Command::new("tar").args(["-cf", "/dev/null", "-C"]).arg(&src).arg(".").status();
     // This machine's disk makes file creation swing several-fold with
     // pending writeback and discards: flush before every timed run, never
     // delete right before one, and alternate the contenders, keeping the
@@ -303,10 +266,7 @@ fn bench_initial() {
         )
     };
     println!("floor (tar -c | tar -x): {floor:.2} s (best of 2)");
-    println!(
-        "devloop sync --once:     {ours:.2} s (best of 2)   ratio {:.2}x (target: within 1.5x)",
-        ours / floor
-    );
+    println!("devloop sync --once:     {ours:.2} s (best of 2)   ratio {:.2}x (target: within 1.5x)", ours / floor);
     let again = sync();
     println!("unchanged re-sync:       {again:.3} s   (target: under 1 s)\n");
 }
@@ -329,20 +289,12 @@ fn bench_burst() {
     let written = t0.elapsed().as_secs_f64() * 1e3;
     let out = d.path().join("out/burst");
     loop {
-        let n: usize = (0..25)
-            .map(|k| {
-                std::fs::read_dir(out.join(format!("d{k}")))
-                    .map(|r| r.count())
-                    .unwrap_or(0)
-            })
-            .sum();
+        let n: usize =
+            (0..25).map(|k| std::fs::read_dir(out.join(format!("d{k}"))).map(|r| r.count()).unwrap_or(0)).sum();
         if n >= 1000 {
             break;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "burst never fully visible ({n}/1000)"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(60), "burst never fully visible ({n}/1000)");
         std::thread::sleep(Duration::from_millis(1));
     }
     let visible = t0.elapsed().as_secs_f64() * 1e3;
@@ -400,18 +352,9 @@ fn bench_idle(secs: u64) {
 fn main() {
     // `cargo bench` passes --bench; ignore it.
     let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle".into());
-    let edits = std::env::var("BENCH_EDITS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let idle = std::env::var("BENCH_IDLE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
-    println!(
-        "# devloop sync benchmarks ({} cores)\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
     for part in only.split(',') {
         match part.trim() {
             "latency" => bench_latency(edits),

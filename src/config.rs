@@ -102,13 +102,8 @@ impl<'de> Deserialize<'de> for RawTarget {
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<RawTarget, E> {
                 match s {
-                    "local" => Ok(RawTarget(RawTargetMap {
-                        local: Some(RawLocal::default()),
-                        exec: None,
-                    })),
-                    "exec" => Err(E::custom(
-                        "the exec target needs a command: write `exec: {command: [...]}`",
-                    )),
+                    "local" => Ok(RawTarget(RawTargetMap { local: Some(RawLocal::default()), exec: None })),
+                    "exec" => Err(E::custom("the exec target needs a command: write `exec: {command: [...]}`")),
                     other => Err(E::unknown_variant(other, &["local", "exec"])),
                 }
             }
@@ -205,8 +200,7 @@ impl<'de> Deserialize<'de> for RawCommand {
                 Ok(RawCommand::Shell(s.to_string()))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, s: A) -> Result<RawCommand, A::Error> {
-                Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(s))
-                    .map(RawCommand::Argv)
+                Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(s)).map(RawCommand::Argv)
             }
         }
         d.deserialize_any(V)
@@ -260,10 +254,7 @@ pub enum Target {
     /// A child process of devloop on this machine, syncing into `root`.
     Local { root: PathBuf },
     /// Whatever `command` starts; its stdio is the agent's.
-    Exec {
-        command: Vec<String>,
-        token: TokenVia,
-    },
+    Exec { command: Vec<String>, token: TokenVia },
 }
 
 impl Target {
@@ -318,10 +309,7 @@ impl PathMatcher {
         for (i, p) in patterns.iter().enumerate() {
             let trimmed = p.trim_start_matches('/');
             if trimmed.contains('/') {
-                let g = GlobBuilder::new(trimmed)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| (i, e.to_string()))?;
+                let g = GlobBuilder::new(trimmed).literal_separator(true).build().map_err(|e| (i, e.to_string()))?;
                 full.add(g);
             } else {
                 names.add(Glob::new(trimmed).map_err(|e| (i, e.to_string()))?);
@@ -329,11 +317,7 @@ impl PathMatcher {
         }
         let names = names.build().map_err(|e| (0, e.to_string()))?;
         let paths = full.build().map_err(|e| (0, e.to_string()))?;
-        Ok(PathMatcher {
-            names,
-            paths,
-            patterns: patterns.to_vec(),
-        })
+        Ok(PathMatcher { names, paths, patterns: patterns.to_vec() })
     }
 
     /// Does a target-relative wire path match?
@@ -367,11 +351,7 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
 pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
     let raw: RawFile = serde_yaml::from_str(src).map_err(|e| from_yaml_error(file, src, &e))?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        dir
-    };
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
     let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
     let v = Validator { file, src };
     if let Some(ver) = raw.version {
@@ -394,10 +374,7 @@ pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
     for (name, rs) in raw.services {
         services.push(v.service(&dir, &name, rs)?);
     }
-    Ok(Config {
-        file: file.to_path_buf(),
-        services,
-    })
+    Ok(Config { file: file.to_path_buf(), services })
 }
 
 struct Validator<'a> {
@@ -430,27 +407,12 @@ impl Validator<'_> {
             let refs: Vec<&str> = kk.iter().map(String::as_str).collect();
             self.err(&refs, msg, hint)
         };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(e(
-                &[],
-                format!("service name `{name}` may only use letters, digits, `-` and `_`"),
-                None,
-            ));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(e(&[], format!("service name `{name}` may only use letters, digits, `-` and `_`"), None));
         }
         let target = match rs.target.map(|t| t.0).unwrap_or_default() {
-            RawTargetMap {
-                local: Some(_),
-                exec: Some(_),
-            } => {
-                return Err(e(
-                    &["target"],
-                    "give one target, not both `local` and `exec`".into(),
-                    None,
-                ))
+            RawTargetMap { local: Some(_), exec: Some(_) } => {
+                return Err(e(&["target"], "give one target, not both `local` and `exec`".into(), None))
             }
             RawTargetMap { exec: Some(x), .. } => {
                 if x.command.is_empty() {
@@ -460,63 +422,43 @@ impl Validator<'_> {
                         Some("give the command that runs the agent on its stdio, e.g. [docker, exec, -i, -e, DEVLOOP_AGENT_TOKEN, CONTAINER, devloop-agent, serve, --stdio, --root, /app]"),
                     ));
                 }
-                Target::Exec {
-                    command: x.command,
-                    token: x.token.unwrap_or(TokenVia::Env),
-                }
+                Target::Exec { command: x.command, token: x.token.unwrap_or(TokenVia::Env) }
             }
             RawTargetMap { local, .. } => {
-                let root = local
-                    .and_then(|l| l.root)
-                    .unwrap_or_else(|| format!(".devloop/targets/{name}"));
-                Target::Local {
-                    root: absolute(dir, &root),
-                }
+                let root = local.and_then(|l| l.root).unwrap_or_else(|| format!(".devloop/targets/{name}"));
+                Target::Local { root: absolute(dir, &root) }
             }
         };
         if rs.sync.is_empty() {
-            return Err(e(
-                &["sync"],
-                "no sync rules".into(),
-                Some("add `- from: ./src` (and `to: path/in/target`)"),
-            ));
+            return Err(e(&["sync"], "no sync rules".into(), Some("add `- from: ./src` (and `to: path/in/target`)")));
         }
         let mut rules: Vec<SyncRule> = Vec::new();
         for (i, r) in rs.sync.into_iter().enumerate() {
             let idx = i.to_string();
             let from = absolute(dir, &r.from);
-            let from =
-                match std::fs::canonicalize(&from) {
-                    Ok(p) if p.is_dir() => p,
-                    Ok(_) => return Err(e(
+            let from = match std::fs::canonicalize(&from) {
+                Ok(p) if p.is_dir() => p,
+                Ok(_) => {
+                    return Err(e(
                         &["sync", &idx, "from"],
                         format!("`{}` is not a directory", r.from),
                         Some("sync rules copy directories; give the directory that holds the file"),
-                    )),
-                    Err(_) => {
-                        return Err(e(
-                            &["sync", &idx, "from"],
-                            format!(
-                                "directory `{}` does not exist (looked in {})",
-                                r.from,
-                                from.display()
-                            ),
-                            Some("paths are relative to the directory of devloop.yaml"),
-                        ))
-                    }
-                };
+                    ))
+                }
+                Err(_) => {
+                    return Err(e(
+                        &["sync", &idx, "from"],
+                        format!("directory `{}` does not exist (looked in {})", r.from, from.display()),
+                        Some("paths are relative to the directory of devloop.yaml"),
+                    ))
+                }
+            };
             let to_raw = r.to.unwrap_or_else(|| ".".into());
             let to = normalize_to(&to_raw).map_err(|m| {
-                e(
-                    &["sync", &idx, "to"],
-                    m,
-                    Some("write a path relative to the target's root, like `.` or `src`"),
-                )
+                e(&["sync", &idx, "to"], m, Some("write a path relative to the target's root, like `.` or `src`"))
             })?;
             for (j, pat) in r.exclude.iter().enumerate() {
-                if let Err(err) =
-                    ignore::gitignore::GitignoreBuilder::new(&from).add_line(None, pat)
-                {
+                if let Err(err) = ignore::gitignore::GitignoreBuilder::new(&from).add_line(None, pat) {
                     return Err(e(
                         &["sync", &idx, "exclude", &j.to_string()],
                         format!("bad pattern `{pat}`: {err}"),
@@ -524,10 +466,8 @@ impl Validator<'_> {
                     ));
                 }
             }
-            if let Some((j, other)) = rules
-                .iter()
-                .enumerate()
-                .find(|(_, o)| paths::is_within(&o.to, &to) || paths::is_within(&to, &o.to))
+            if let Some((j, other)) =
+                rules.iter().enumerate().find(|(_, o)| paths::is_within(&o.to, &to) || paths::is_within(&to, &o.to))
             {
                 return Err(e(
                     &["sync", &idx, "to"],
@@ -542,97 +482,60 @@ impl Validator<'_> {
                 if root.starts_with(&from) || from.starts_with(root) {
                     return Err(e(
                         &["sync", &idx, "from"],
-                        format!("the source `{}` and the local target root `{}` contain one another", from.display(), root.display()),
+                        format!(
+                            "the source `{}` and the local target root `{}` contain one another",
+                            from.display(),
+                            root.display()
+                        ),
                         Some("put the target root outside the synced directory, e.g. under .devloop/"),
                     ));
                 }
             }
-            rules.push(SyncRule {
-                from,
-                to,
-                exclude: r.exclude,
-            });
+            rules.push(SyncRule { from, to, exclude: r.exclude });
         }
         let mut on_sync = Vec::new();
         for (i, t) in rs.on_sync.into_iter().enumerate() {
             let idx = i.to_string();
             if t.when.0.is_empty() {
-                return Err(e(
-                    &["on_sync", &idx, "when"],
-                    "no globs".into(),
-                    Some("e.g. `when: package.json`"),
-                ));
+                return Err(e(&["on_sync", &idx, "when"], "no globs".into(), Some("e.g. `when: package.json`")));
             }
-            let when = PathMatcher::new(&t.when.0).map_err(|(j, m)| {
-                e(
-                    &["on_sync", &idx, "when"],
-                    format!("bad glob `{}`: {m}", t.when.0[j]),
-                    None,
-                )
-            })?;
-            let command = command_spec(t.run, t.workdir)
-                .map_err(|(k, m)| e(&["on_sync", &idx, k], m, None))?;
+            let when = PathMatcher::new(&t.when.0)
+                .map_err(|(j, m)| e(&["on_sync", &idx, "when"], format!("bad glob `{}`: {m}", t.when.0[j]), None))?;
+            let command = command_spec(t.run, t.workdir).map_err(|(k, m)| e(&["on_sync", &idx, k], m, None))?;
             on_sync.push(Trigger { when, command });
         }
         let app = match rs.app {
             None => None,
             Some(a) => {
-                let command =
-                    command_spec(a.run, a.workdir).map_err(|(k, m)| e(&["app", k], m, None))?;
-                let restart_when = match a.restart_when {
-                    None => None,
-                    Some(w) => Some(PathMatcher::new(&w.0).map_err(|(j, m)| {
-                        e(
-                            &["app", "restart_when"],
-                            format!("bad glob `{}`: {m}", w.0[j]),
-                            None,
-                        )
-                    })?),
-                };
+                let command = command_spec(a.run, a.workdir).map_err(|(k, m)| e(&["app", k], m, None))?;
+                let restart_when =
+                    match a.restart_when {
+                        None => None,
+                        Some(w) => Some(PathMatcher::new(&w.0).map_err(|(j, m)| {
+                            e(&["app", "restart_when"], format!("bad glob `{}`: {m}", w.0[j]), None)
+                        })?),
+                    };
                 Some(App {
-                    spec: AppSpec {
-                        command,
-                        env: a.env.into_iter().collect(),
-                        grace_ms: a.grace_ms.unwrap_or(2000),
-                    },
+                    spec: AppSpec { command, env: a.env.into_iter().collect(), grace_ms: a.grace_ms.unwrap_or(2000) },
                     restart: a.restart,
                     restart_when,
                 })
             }
         };
-        Ok(Service {
-            name: name.to_string(),
-            target,
-            rules,
-            on_sync,
-            app,
-        })
+        Ok(Service { name: name.to_string(), target, rules, on_sync, app })
     }
 }
 
-fn command_spec(
-    run: RawCommand,
-    workdir: Option<String>,
-) -> Result<CommandSpec, (&'static str, String)> {
+fn command_spec(run: RawCommand, workdir: Option<String>) -> Result<CommandSpec, (&'static str, String)> {
     let workdir = match workdir {
         None => String::new(),
         Some(w) => normalize_to(&w).map_err(|m| ("workdir", m))?,
     };
     match run {
         RawCommand::Shell(s) if s.trim().is_empty() => Err(("run", "empty command".into())),
-        RawCommand::Shell(s) => Ok(CommandSpec {
-            shell: Some(s),
-            argv: vec![],
-            workdir,
-        }),
-        RawCommand::Argv(v) if v.is_empty() || v[0].is_empty() => {
-            Err(("run", "empty command".into()))
-        }
-        RawCommand::Argv(v) => Ok(CommandSpec {
-            shell: None,
-            argv: v,
-            workdir,
-        }),
+        RawCommand::Shell(s) => Ok(CommandSpec { shell: Some(s), argv: vec![], workdir }),
+        RawCommand::Argv(v) if v.is_empty() || v[0].is_empty() => Err(("run", "empty command".into())),
+        RawCommand::Argv(v) => Ok(CommandSpec { shell: None, argv: v, workdir }),
     }
 }
 
@@ -642,9 +545,7 @@ fn normalize_to(s: &str) -> Result<String, String> {
     if t.is_empty() || t == "." {
         return Ok(String::new());
     }
-    paths::components(t)
-        .map(|_| t.to_string())
-        .map_err(|e| format!("`{s}`: {e}"))
+    paths::components(t).map(|_| t.to_string()).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn absolute(dir: &Path, p: &str) -> PathBuf {
@@ -730,14 +631,7 @@ fn from_yaml_error(file: &Path, src: &str, e: &serde_yaml::Error) -> ConfigError
     } else if message.starts_with("invalid type") {
         hint = Some("check the value's shape against the README's devloop.yaml reference".into());
     }
-    ConfigError {
-        file: file.to_path_buf(),
-        line,
-        column,
-        key,
-        message,
-        hint,
-    }
+    ConfigError { file: file.to_path_buf(), line, column, key, message, hint }
 }
 
 fn key_path_parts(key: &str) -> Vec<String> {
@@ -775,11 +669,7 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -813,9 +703,7 @@ pub fn locate<S: AsRef<str>>(src: &str, key: &[S]) -> Option<usize> {
                 if i > start && ind <= parent_indent && !l.trim_start().starts_with("- ") {
                     break;
                 }
-                if ind > parent_indent - 1 && l.trim_start().starts_with("- ")
-                    || l.trim_start() == "-"
-                {
+                if ind > parent_indent - 1 && l.trim_start().starts_with("- ") || l.trim_start() == "-" {
                     if count == n {
                         hit = Some((i, ind + 1));
                         break;
@@ -833,13 +721,7 @@ pub fn locate<S: AsRef<str>>(src: &str, key: &[S]) -> Option<usize> {
                     break;
                 }
                 let body = l.trim_start().trim_start_matches("- ");
-                let k = body
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .trim_matches('"')
-                    .trim_matches('\'');
+                let k = body.split(':').next().unwrap_or("").trim().trim_matches('"').trim_matches('\'');
                 if k == seg && body.contains(':') {
                     let key_indent = ind + (l.trim_start().len() - body.len()) as isize;
                     hit = Some((i, key_indent));
@@ -865,15 +747,10 @@ mod tests {
 
     #[test]
     fn locate_finds_nested_keys() {
-        let src = "services:\n  web:\n    sync:\n      - from: a\n        to: x\n      - from: b\n    app:\n      run: x\n";
-        assert_eq!(
-            locate(src, &["services", "web", "sync", "1", "from"]),
-            Some(6)
-        );
-        assert_eq!(
-            locate(src, &["services", "web", "sync", "0", "to"]),
-            Some(5)
-        );
+        let src =
+            "services:\n  web:\n    sync:\n      - from: a\n        to: x\n      - from: b\n    app:\n      run: x\n";
+        assert_eq!(locate(src, &["services", "web", "sync", "1", "from"]), Some(6));
+        assert_eq!(locate(src, &["services", "web", "sync", "0", "to"]), Some(5));
         assert_eq!(locate(src, &["services", "web", "app", "run"]), Some(8));
         assert_eq!(locate(src, &["services", "web", "nope"]), Some(2));
     }
@@ -889,14 +766,8 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(
-            closest("syn", &["target", "sync", "on_sync", "app"]),
-            Some("sync")
-        );
+        assert_eq!(closest("syn", &["target", "sync", "on_sync", "app"]), Some("sync"));
         assert_eq!(closest("zzzzzz", &["target", "sync"]), None);
-        assert_eq!(
-            key_path_parts("services.web.sync[0].from"),
-            vec!["services", "web", "sync", "0", "from"]
-        );
+        assert_eq!(key_path_parts("services.web.sync[0].from"), vec!["services", "web", "sync", "0", "from"]);
     }
 }

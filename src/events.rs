@@ -124,25 +124,16 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(service: &str, tx: mpsc::UnboundedSender<Event>) -> Reporter {
-        Reporter {
-            service: service.to_string(),
-            tx,
-        }
+        Reporter { service: service.to_string(), tx }
     }
 
     pub fn send(&self, kind: Kind) {
-        let _ = self.tx.send(Event {
-            ts: now_ms(),
-            service: self.service.clone(),
-            kind,
-        });
+        let _ = self.tx.send(Event { ts: now_ms(), service: self.service.clone(), kind });
     }
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How events are shown.
@@ -176,18 +167,10 @@ pub async fn print(mut rx: mpsc::UnboundedReceiver<Event>, format: Format) -> u6
 
 /// One human-readable line.
 pub fn plain(ev: &Event) -> String {
-    let who = if ev.service.is_empty() {
-        "devloop".to_string()
-    } else {
-        ev.service.clone()
-    };
+    let who = if ev.service.is_empty() { "devloop".to_string() } else { ev.service.clone() };
     let body = match &ev.kind {
         Kind::AgentStarting { target } => format!("starting agent on {target}"),
-        Kind::AgentConnected {
-            agent_version,
-            pid,
-            root,
-        } => {
+        Kind::AgentConnected { agent_version, pid, root } => {
             format!("agent {agent_version} connected (pid {pid}, root {root})")
         }
         Kind::AgentLost { reason } => format!("agent connection lost: {reason}"),
@@ -196,39 +179,18 @@ pub fn plain(ev: &Event) -> String {
         }
         Kind::AgentLog { line } => format!("agent: {line}"),
         Kind::Watching { dirs } => format!("watching {dirs} directories"),
-        Kind::SyncStarted {
-            initial,
-            files,
-            deletes,
-            bytes,
-            ..
-        } => format!(
+        Kind::SyncStarted { initial, files, deletes, bytes, .. } => format!(
             "{} {files} files ({}), {deletes} deletions",
-            if *initial {
-                "initial sync: sending"
-            } else {
-                "sending"
-            },
+            if *initial { "initial sync: sending" } else { "sending" },
             human_bytes(*bytes)
         ),
-        Kind::SyncApplied {
-            initial,
-            written,
-            deleted,
-            bytes,
-            latency_ms,
-            ..
-        } => format!(
+        Kind::SyncApplied { initial, written, deleted, bytes, latency_ms, .. } => format!(
             "{}synced {written} written, {deleted} deleted ({}) in {latency_ms:.1} ms",
             if *initial { "initial sync: " } else { "" },
             human_bytes(*bytes)
         ),
         Kind::SyncError { path, message } => format!("error: {path}: {message}"),
-        Kind::InSync {
-            files,
-            dirs,
-            checked_ms,
-        } => {
+        Kind::InSync { files, dirs, checked_ms } => {
             format!("in sync: {files} files, {dirs} directories (checked in {checked_ms:.0} ms)")
         }
         Kind::CommandStarted { command } => format!("running `{command}`"),

@@ -35,12 +35,7 @@ impl Filter {
             let _ = b.add_line(None, pat);
         }
         let excludes = b.build().unwrap_or_else(|_| Gitignore::empty());
-        let mut f = Filter {
-            root: root.to_path_buf(),
-            excludes,
-            layers: BTreeMap::new(),
-            warnings: Vec::new(),
-        };
+        let mut f = Filter { root: root.to_path_buf(), excludes, layers: BTreeMap::new(), warnings: Vec::new() };
         let mut dirs = vec![];
         let mut d = Some(root);
         while let Some(dir) = d {
@@ -94,10 +89,7 @@ impl Filter {
         if rel.as_os_str().is_empty() {
             return false;
         }
-        if matches!(
-            self.excludes.matched_path_or_any_parents(rel, is_dir),
-            Match::Ignore(_)
-        ) {
+        if matches!(self.excludes.matched_path_or_any_parents(rel, is_dir), Match::Ignore(_)) {
             return true;
         }
         let mut ignored = false;
@@ -118,9 +110,7 @@ impl Filter {
 
     /// Is this file one of the ignore files (a change means rescanning)?
     pub fn is_ignore_file(abs: &Path) -> bool {
-        abs.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| IGNORE_FILES.contains(&n))
+        abs.file_name().and_then(|n| n.to_str()).is_some_and(|n| IGNORE_FILES.contains(&n))
     }
 }
 

@@ -8,12 +8,8 @@
 
 use crate::events::{Kind, Reporter};
 use crate::target::Io;
-use devloop_agent::protocol::{
-    AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream,
-};
-use devloop_agent::transport::{
-    self, ConnectError, Credits, End, Heartbeat, Incoming, Outbound, StreamSender,
-};
+use devloop_agent::protocol::{AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream};
+use devloop_agent::transport::{self, ConnectError, Credits, End, Heartbeat, Incoming, Outbound, StreamSender};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -25,9 +21,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum LinkError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error(
-        "the agent did not answer within {0:?} (is the target command right? its output is above)"
-    )]
+    #[error("the agent did not answer within {0:?} (is the target command right? its output is above)")]
     Timeout(Duration),
     #[error("connection to the agent lost: {0}")]
     Lost(String),
@@ -48,15 +42,8 @@ pub struct Applied {
 type IndexReply = oneshot::Sender<Result<Vec<Entry>, LinkError>>;
 
 enum Req {
-    Index {
-        id: u64,
-        reply: IndexReply,
-    },
-    Batch {
-        id: u64,
-        stream: Option<StreamSender>,
-        reply: oneshot::Sender<Result<Applied, LinkError>>,
-    },
+    Index { id: u64, reply: IndexReply },
+    Batch { id: u64, stream: Option<StreamSender>, reply: oneshot::Sender<Result<Applied, LinkError>> },
 }
 
 /// An open session.
@@ -80,34 +67,22 @@ pub struct PendingBatch {
 impl Link {
     /// Handshake, hello, and the dispatcher task.
     pub async fn open(io: Box<dyn Io>, token: &str, rep: Reporter) -> Result<Link, LinkError> {
-        let (ws, agent_version) =
-            tokio::time::timeout(HELLO_TIMEOUT, transport::connect(io, token))
-                .await
-                .map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))??;
-        let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
-        let first = tokio::time::timeout(HELLO_TIMEOUT, rx.recv())
+        let (ws, agent_version) = tokio::time::timeout(HELLO_TIMEOUT, transport::connect(io, token))
             .await
-            .map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))?;
+            .map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))??;
+        let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
+        let first =
+            tokio::time::timeout(HELLO_TIMEOUT, rx.recv()).await.map_err(|_| LinkError::Timeout(HELLO_TIMEOUT))?;
         let (pid, root) = match first {
             Some(Incoming::Control(Control::Hello { pid, root, .. })) => (pid, root),
             Some(Incoming::Ended(e)) => return Err(LinkError::Lost(e.to_string())),
-            Some(Incoming::Control(Control::Error { message, .. })) => {
-                return Err(LinkError::Agent(message))
-            }
+            Some(Incoming::Control(Control::Error { message, .. })) => return Err(LinkError::Agent(message)),
             other => return Err(LinkError::Lost(format!("expected hello, got {other:?}"))),
         };
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(dispatch(rx, req_rx, out.clone(), rep, ended_tx));
-        Ok(Link {
-            out,
-            req: req_tx,
-            next_id: 1,
-            ended,
-            agent_version,
-            pid,
-            root,
-        })
+        Ok(Link { out, req: req_tx, next_id: 1, ended, agent_version, pid, root })
     }
 
     fn id(&mut self) -> u64 {
@@ -116,19 +91,11 @@ impl Link {
     }
 
     /// Asks the agent for the index of these root-relative trees.
-    pub async fn index(
-        &mut self,
-        under: Vec<String>,
-        prune: Vec<String>,
-    ) -> Result<Vec<Entry>, LinkError> {
+    pub async fn index(&mut self, under: Vec<String>, prune: Vec<String>) -> Result<Vec<Entry>, LinkError> {
         let id = self.id();
         let (reply, rx) = oneshot::channel();
-        self.req
-            .send(Req::Index { id, reply })
-            .map_err(|_| self.lost())?;
-        self.out
-            .control(Control::IndexRequest { id, under, prune })
-            .map_err(|_| self.lost())?;
+        self.req.send(Req::Index { id, reply }).map_err(|_| self.lost())?;
+        self.out.control(Control::IndexRequest { id, under, prune }).map_err(|_| self.lost())?;
         rx.await.map_err(|_| self.lost())?
     }
 
@@ -150,27 +117,11 @@ impl Link {
         // queued before the batch is announced, so it is registered before
         // any answer to the batch can be read.
         let registration = stream.clone();
-        self.req
-            .send(Req::Batch {
-                id,
-                stream: registration,
-                reply,
-            })
-            .map_err(|_| self.lost())?;
+        self.req.send(Req::Batch { id, stream: registration, reply }).map_err(|_| self.lost())?;
         self.out
-            .control(Control::Batch {
-                id,
-                deletes,
-                stream: stream_id,
-                commands,
-                restart,
-            })
+            .control(Control::Batch { id, deletes, stream: stream_id, commands, restart })
             .map_err(|_| self.lost())?;
-        Ok(PendingBatch {
-            id,
-            stream,
-            applied,
-        })
+        Ok(PendingBatch { id, stream, applied })
     }
 
     /// Sends a small batch whole: announcement, archive and end marker in
@@ -186,23 +137,9 @@ impl Link {
         let id = self.id();
         let (reply, applied) = oneshot::channel();
         // No credit window to register: the whole archive fits a fresh one.
-        self.req
-            .send(Req::Batch {
-                id,
-                stream: None,
-                reply,
-            })
-            .map_err(|_| self.lost())?;
-        let batch = Control::Batch {
-            id,
-            deletes,
-            stream: Some(id as u32),
-            commands,
-            restart,
-        };
-        self.out
-            .control_with_stream(batch, id as u32, archive)
-            .map_err(|_| self.lost())?;
+        self.req.send(Req::Batch { id, stream: None, reply }).map_err(|_| self.lost())?;
+        let batch = Control::Batch { id, deletes, stream: Some(id as u32), commands, restart };
+        self.out.control_with_stream(batch, id as u32, archive).map_err(|_| self.lost())?;
         Ok(applied)
     }
 
@@ -229,12 +166,7 @@ impl Link {
     }
 
     fn lost(&self) -> LinkError {
-        LinkError::Lost(
-            self.ended
-                .borrow()
-                .clone()
-                .unwrap_or_else(|| "connection closed".into()),
-        )
+        LinkError::Lost(self.ended.borrow().clone().unwrap_or_else(|| "connection closed".into()))
     }
 }
 
@@ -319,14 +251,8 @@ async fn dispatch(
 fn report(rep: &Reporter, c: Control) {
     match c {
         Control::CommandStarted { command, .. } => rep.send(Kind::CommandStarted { command }),
-        Control::CommandExited {
-            command, code, ms, ..
-        } => rep.send(Kind::CommandExited { command, code, ms }),
-        Control::Output {
-            source,
-            stream,
-            line,
-        } => {
+        Control::CommandExited { command, code, ms, .. } => rep.send(Kind::CommandExited { command, code, ms }),
+        Control::Output { source, stream, line } => {
             let stream = match stream {
                 StdStream::Stdout => "stdout",
                 StdStream::Stderr => "stderr",
@@ -334,11 +260,7 @@ fn report(rep: &Reporter, c: Control) {
             .to_string();
             match source {
                 OutputSource::App => rep.send(Kind::AppOutput { stream, line }),
-                OutputSource::Command { command, .. } => rep.send(Kind::CommandOutput {
-                    command,
-                    stream,
-                    line,
-                }),
+                OutputSource::Command { command, .. } => rep.send(Kind::CommandOutput { command, stream, line }),
             }
         }
         Control::App { state } => rep.send(match state {
@@ -347,9 +269,7 @@ fn report(rep: &Reporter, c: Control) {
             AppState::Stopped => Kind::AppStopped,
             AppState::FailedToStart { message } => Kind::AppFailed { message },
         }),
-        Control::Error { message, .. } => rep.send(Kind::Warning {
-            message: format!("agent: {message}"),
-        }),
+        Control::Error { message, .. } => rep.send(Kind::Warning { message: format!("agent: {message}") }),
         _ => {}
     }
 }

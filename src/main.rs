@@ -20,11 +20,7 @@ mod exit {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "devloop",
-    version,
-    about = "Hot sync into running containers and pods, with an in-target agent"
-)]
+#[command(name = "devloop", version, about = "Hot sync into running containers and pods, with an in-target agent")]
 struct Cli {
     /// The configuration file.
     #[arg(long, short = 'c', global = true, default_value = config::DEFAULT_FILE)]
@@ -60,18 +56,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::CONFIG
-            } else {
-                exit::OK
-            });
+            return ExitCode::from(if e.use_stderr() { exit::CONFIG } else { exit::OK });
         }
     };
-    let format = if cli.json {
-        Format::Json
-    } else {
-        Format::Plain
-    };
+    let format = if cli.json { Format::Json } else { Format::Plain };
     let cfg = match config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -81,12 +69,14 @@ fn main() -> ExitCode {
     };
     let (mode, only) = match cli.command {
         Command::Watch { services } => (Mode::Watch, services),
-        Command::Sync {
-            once: true,
-            services,
-        } => (Mode::Once, services),
+        Command::Sync { once: true, services } => (Mode::Once, services),
         Command::Sync { once: false, .. } => {
-            report_fatal(format, "`devloop sync` needs --once", Some("use `devloop sync --once` to sync and exit, or `devloop watch` to follow changes"), None);
+            report_fatal(
+                format,
+                "`devloop sync` needs --once",
+                Some("use `devloop sync --once` to sync and exit, or `devloop watch` to follow changes"),
+                None,
+            );
             return ExitCode::from(exit::CONFIG);
         }
         Command::Check => {
@@ -106,27 +96,14 @@ fn main() -> ExitCode {
     let cfg = match select(cfg, &only) {
         Ok(c) => c,
         Err(m) => {
-            report_fatal(
-                format,
-                &m,
-                Some("name services defined in devloop.yaml"),
-                None,
-            );
+            report_fatal(format, &m, Some("name services defined in devloop.yaml"), None);
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            report_fatal(
-                format,
-                &format!("cannot start the runtime: {e}"),
-                None,
-                None,
-            );
+            report_fatal(format, &format!("cannot start the runtime: {e}"), None, None);
             return ExitCode::FAILURE;
         }
     };
@@ -140,11 +117,7 @@ fn select(mut cfg: Config, only: &[String]) -> Result<Config, String> {
     for name in only {
         if !cfg.services.iter().any(|s| &s.name == name) {
             let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!(
-                "no service `{name}` in {} (services: {})",
-                cfg.file.display(),
-                known.join(", ")
-            ));
+            return Err(format!("no service `{name}` in {} (services: {})", cfg.file.display(), known.join(", ")));
         }
     }
     cfg.services.retain(|s| only.contains(&s.name));
@@ -152,12 +125,7 @@ fn select(mut cfg: Config, only: &[String]) -> Result<Config, String> {
 }
 
 /// Reports an error that stops devloop before any service runs.
-fn report_fatal(
-    format: Format,
-    message: &str,
-    hint: Option<&str>,
-    cfg: Option<&config::ConfigError>,
-) {
+fn report_fatal(format: Format, message: &str, hint: Option<&str>, cfg: Option<&config::ConfigError>) {
     match format {
         Format::Json => {
             let mut v = serde_json::json!({
@@ -194,10 +162,7 @@ async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
     // Ctrl-C and SIGTERM stop every service cleanly.
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut t), Ok(mut i)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
             let _ = stop_tx.send(true);
         }
@@ -206,10 +171,7 @@ async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
     for svc in cfg.services {
         let rep = Reporter::new(&svc.name, ev_tx.clone());
         let name = svc.name.clone();
-        tasks.push((
-            name,
-            tokio::spawn(session::run(svc, mode, rep, stop_rx.clone())),
-        ));
+        tasks.push((name, tokio::spawn(session::run(svc, mode, rep, stop_rx.clone()))));
     }
     let mut code = exit::OK;
     for (name, t) in tasks {
@@ -223,9 +185,7 @@ async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
             let _ = ev_tx.send(events::Event {
                 ts: events::now_ms(),
                 service: name,
-                kind: Kind::Warning {
-                    message: format!("{outcome:?}"),
-                },
+                kind: Kind::Warning { message: format!("{outcome:?}") },
             });
         }
         code = code.max(c);

@@ -39,26 +39,17 @@ pub enum Outcome {
 pub fn new_token() -> String {
     use std::io::Read;
     let mut b = [0u8; 16];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok();
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok();
     if !ok {
         // No /dev/urandom: fall back to time and pid, still unguessable
         // enough for a loopback-only, short-lived session.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         b.copy_from_slice(&(t ^ (std::process::id() as u128) << 64).to_le_bytes());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub async fn run(
-    svc: Service,
-    mode: Mode,
-    rep: Reporter,
-    mut shutdown: watch::Receiver<bool>,
-) -> Outcome {
+pub async fn run(svc: Service, mode: Mode, rep: Reporter, mut shutdown: watch::Receiver<bool>) -> Outcome {
     let (watcher, mut changes) = match mode {
         Mode::Watch => match Watch::new() {
             Ok((w, rx)) => (Some(w), Some(rx)),
@@ -83,10 +74,7 @@ pub async fn run(
             Ok(s) => s,
             Err(e) => {
                 let fatal = matches!(e, TargetError::AgentNotFound { .. });
-                rep.send(Kind::Error {
-                    message: error_chain(&e),
-                    hint: e.hint(),
-                });
+                rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
                 if fatal || mode == Mode::Once {
                     return Outcome::Unreachable;
                 }
@@ -100,10 +88,7 @@ pub async fn run(
         let mut link = match Link::open(started.io, &token, rep.clone()).await {
             Ok(l) => l,
             Err(e) => {
-                rep.send(Kind::Error {
-                    message: error_chain(&e),
-                    hint: link_hint(&e),
-                });
+                rep.send(Kind::Error { message: error_chain(&e), hint: link_hint(&e) });
                 process.stop(Duration::from_millis(500)).await;
                 if mode == Mode::Once || matches!(e, LinkError::Connect(_)) {
                     return Outcome::Unreachable;
@@ -123,11 +108,7 @@ pub async fn run(
             let errors = engine.initial_sync(&mut link).await?;
             link.configure_app(engine.service().app.as_ref().map(|a| a.spec.clone()));
             if mode == Mode::Once {
-                return Ok(if errors == 0 {
-                    Outcome::InSync
-                } else {
-                    Outcome::PathErrors(errors)
-                });
+                return Ok(if errors == 0 { Outcome::InSync } else { Outcome::PathErrors(errors) });
             }
             attempt = 0;
             // Watch mode always has a change receiver.
@@ -146,9 +127,7 @@ pub async fn run(
                 return outcome;
             }
             Err(e) => {
-                rep.send(Kind::AgentLost {
-                    reason: error_chain(&e),
-                });
+                rep.send(Kind::AgentLost { reason: error_chain(&e) });
                 drop(link);
                 process.stop(Duration::from_millis(500)).await;
                 if mode == Mode::Once {
@@ -167,10 +146,7 @@ pub async fn run(
 async fn backoff(rep: &Reporter, attempt: &mut u32, shutdown: &mut watch::Receiver<bool>) -> bool {
     *attempt += 1;
     let ms = (200u64 << (*attempt - 1).min(5)).min(5000);
-    rep.send(Kind::Reconnecting {
-        attempt: *attempt,
-        in_ms: ms,
-    });
+    rep.send(Kind::Reconnecting { attempt: *attempt, in_ms: ms });
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_millis(ms)) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
@@ -179,13 +155,10 @@ async fn backoff(rep: &Reporter, attempt: &mut u32, shutdown: &mut watch::Receiv
 
 fn link_hint(e: &LinkError) -> Option<String> {
     match e {
-        LinkError::Connect(_) => {
-            Some("install matching versions of devloop and devloop-agent".into())
+        LinkError::Connect(_) => Some("install matching versions of devloop and devloop-agent".into()),
+        LinkError::Timeout(_) | LinkError::Lost(_) => {
+            Some("the agent's own messages (agent: ...) above say why; check target in devloop.yaml".into())
         }
-        LinkError::Timeout(_) | LinkError::Lost(_) => Some(
-            "the agent's own messages (agent: ...) above say why; check target in devloop.yaml"
-                .into(),
-        ),
         LinkError::Agent(_) => None,
     }
 }

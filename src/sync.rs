@@ -101,26 +101,10 @@ impl Engine {
         let rules = svc
             .rules
             .iter()
-            .map(|r| Rule {
-                from: r.from.clone(),
-                to: r.to.clone(),
-                filter: Filter::new(&r.from, &r.exclude),
-            })
+            .map(|r| Rule { from: r.from.clone(), to: r.to.clone(), filter: Filter::new(&r.from, &r.exclude) })
             .collect::<Vec<_>>();
-        let mut e = Engine {
-            svc,
-            rules,
-            model: BTreeMap::new(),
-            rep,
-            watch,
-            warned: HashSet::new(),
-            batches: 0,
-        };
-        let warnings: Vec<String> = e
-            .rules
-            .iter_mut()
-            .flat_map(|r| std::mem::take(&mut r.filter.warnings))
-            .collect();
+        let mut e = Engine { svc, rules, model: BTreeMap::new(), rep, watch, warned: HashSet::new(), batches: 0 };
+        let warnings: Vec<String> = e.rules.iter_mut().flat_map(|r| std::mem::take(&mut r.filter.warnings)).collect();
         for w in warnings {
             e.warn(w);
         }
@@ -165,9 +149,7 @@ impl Engine {
             self.warn(format!("skipped {}: {}", s.abs.display(), s.reason));
         }
         for e in watch_errors.into_iter().take(3) {
-            self.warn(format!(
-                "{e} (raise fs.inotify.max_user_watches, or exclude large directories)"
-            ));
+            self.warn(format!("{e} (raise fs.inotify.max_user_watches, or exclude large directories)"));
         }
         let found = found
             .into_iter()
@@ -175,10 +157,7 @@ impl Engine {
                 Some(t) if paths::check_link_target(&f.path, t).is_err() => {
                     if self.warned.insert(f.path.clone()) {
                         self.rep.send(Kind::Warning {
-                            message: format!(
-                                "symlink {} -> {t} points outside the synced tree; not synced",
-                                f.path
-                            ),
+                            message: format!("symlink {} -> {t} points outside the synced tree; not synced", f.path),
                         });
                     }
                     false
@@ -207,38 +186,22 @@ impl Engine {
         for s in skipped {
             self.warn(format!("skipped {}: {}", s.abs.display(), s.reason));
         }
-        let have: BTreeMap<String, Entry> =
-            target.into_iter().map(|e| (e.path.clone(), e)).collect();
+        let have: BTreeMap<String, Entry> = target.into_iter().map(|e| (e.path.clone(), e)).collect();
         let plan = self.diff(&src, &have, &pruned);
-        let files = src
-            .iter()
-            .filter(|(f, _)| f.kind == EntryKind::File)
-            .count() as u64;
+        let files = src.iter().filter(|(f, _)| f.kind == EntryKind::File).count() as u64;
         let dirs = src.iter().filter(|(f, _)| f.kind == EntryKind::Dir).count() as u64;
         // Until acknowledged otherwise, the target holds what it reported.
-        self.model = have
-            .into_iter()
-            .filter(|(p, e)| !self.ignored_wire(p, e.kind == EntryKind::Dir))
-            .collect();
+        self.model = have.into_iter().filter(|(p, e)| !self.ignored_wire(p, e.kind == EntryKind::Dir)).collect();
         let mut errors = 0;
         if !plan.is_empty() {
             errors = self.send_plan(link, plan, true, t0).await?;
         }
-        self.rep.send(Kind::InSync {
-            files,
-            dirs,
-            checked_ms: t0.elapsed().as_secs_f64() * 1e3,
-        });
+        self.rep.send(Kind::InSync { files, dirs, checked_ms: t0.elapsed().as_secs_f64() * 1e3 });
         Ok(errors)
     }
 
     /// What must change for the target (`have`) to match the source.
-    fn diff(
-        &self,
-        src: &[(Found, Entry)],
-        have: &BTreeMap<String, Entry>,
-        pruned: &[String],
-    ) -> Plan {
+    fn diff(&self, src: &[(Found, Entry)], have: &BTreeMap<String, Entry>, pruned: &[String]) -> Plan {
         let mut plan = Plan::default();
         let mut present: std::collections::HashMap<&str, EntryKind> =
             std::collections::HashMap::with_capacity(src.len());
@@ -266,8 +229,7 @@ impl Engine {
                 // Kind changed between directory and not: remove first.
                 Some(_) => {}
                 None => {
-                    if pruned.iter().any(|d| paths::is_within(p, d)) || self.ignored_wire(p, t_dir)
-                    {
+                    if pruned.iter().any(|d| paths::is_within(p, d)) || self.ignored_wire(p, t_dir) {
                         continue;
                     }
                 }
@@ -288,11 +250,7 @@ impl Engine {
     fn ignored_wire(&self, wire: &str, is_dir: bool) -> bool {
         for r in &self.rules {
             if paths::is_within(wire, &r.to) {
-                let rel = if r.to.is_empty() {
-                    wire
-                } else {
-                    wire[r.to.len()..].trim_start_matches('/')
-                };
+                let rel = if r.to.is_empty() { wire } else { wire[r.to.len()..].trim_start_matches('/') };
                 if rel.is_empty() {
                     return false;
                 }
@@ -352,11 +310,8 @@ impl Engine {
                 let d = std::mem::take(&mut dirty);
                 // A few paths are examined in place: handing the worker over
                 // (block_in_place) costs more than reading a small file.
-                let (plan, again) = if d.len() <= 16 {
-                    self.examine(d)
-                } else {
-                    tokio::task::block_in_place(|| self.examine(d))
-                };
+                let (plan, again) =
+                    if d.len() <= 16 { self.examine(d) } else { tokio::task::block_in_place(|| self.examine(d)) };
                 rescan |= again;
                 plan
             };
@@ -479,10 +434,7 @@ impl Engine {
                     .model
                     .range(format!("{wire}/")..)
                     .take_while(|(p, _)| paths::is_within(p, &wire))
-                    .filter(|(p, e)| {
-                        !present.contains(p.as_str())
-                            && !self.ignored_wire(p, e.kind == EntryKind::Dir)
-                    })
+                    .filter(|(p, e)| !present.contains(p.as_str()) && !self.ignored_wire(p, e.kind == EntryKind::Dir))
                     .map(|(p, _)| p.clone())
                     .collect();
                 for g in gone {
@@ -495,11 +447,7 @@ impl Engine {
                 let f = Found {
                     path: wire,
                     abs,
-                    kind: if md.file_type().is_symlink() {
-                        EntryKind::Symlink
-                    } else {
-                        EntryKind::File
-                    },
+                    kind: if md.file_type().is_symlink() { EntryKind::Symlink } else { EntryKind::File },
                     size: md.size(),
                     mode: md.permissions().mode() & 0o777,
                     link: None,
@@ -520,38 +468,20 @@ impl Engine {
         }
         let mut content = None;
         let entry = match f.kind {
-            EntryKind::Dir => Entry {
-                path: f.path.clone(),
-                kind: EntryKind::Dir,
-                size: 0,
-                mode: f.mode,
-                hash: 0,
-                link: None,
-            },
+            EntryKind::Dir => {
+                Entry { path: f.path.clone(), kind: EntryKind::Dir, size: 0, mode: f.mode, hash: 0, link: None }
+            }
             EntryKind::Symlink => {
-                let t = match std::fs::read_link(&f.abs)
-                    .ok()
-                    .and_then(|t| t.to_str().map(String::from))
-                {
+                let t = match std::fs::read_link(&f.abs).ok().and_then(|t| t.to_str().map(String::from)) {
                     Some(t) => t,
                     None => return,
                 };
                 if paths::check_link_target(&f.path, &t).is_err() {
-                    self.warn(format!(
-                        "symlink {} -> {t} points outside the synced tree; not synced",
-                        f.path
-                    ));
+                    self.warn(format!("symlink {} -> {t} points outside the synced tree; not synced", f.path));
                     return;
                 }
                 f.link = Some(t.clone());
-                Entry {
-                    path: f.path.clone(),
-                    kind: EntryKind::Symlink,
-                    size: 0,
-                    mode: 0o777,
-                    hash: 0,
-                    link: Some(t),
-                }
+                Entry { path: f.path.clone(), kind: EntryKind::Symlink, size: 0, mode: 0o777, hash: 0, link: Some(t) }
             }
             EntryKind::File => {
                 let (hash, size) = if f.size <= READ_AHEAD_MAX {
@@ -571,14 +501,7 @@ impl Engine {
                     }
                 };
                 f.size = size;
-                Entry {
-                    path: f.path.clone(),
-                    kind: EntryKind::File,
-                    size,
-                    mode: f.mode,
-                    hash,
-                    link: None,
-                }
+                Entry { path: f.path.clone(), kind: EntryKind::File, size, mode: f.mode, hash, link: None }
             }
         };
         let old = self.model.get(&f.path);
@@ -659,18 +582,9 @@ impl Engine {
     }
 
     /// Sends a plan as one or more batches; returns how many paths failed.
-    async fn send_plan(
-        &mut self,
-        link: &mut Link,
-        plan: Plan,
-        initial: bool,
-        t0: Instant,
-    ) -> Result<usize, LinkError> {
+    async fn send_plan(&mut self, link: &mut Link, plan: Plan, initial: bool, t0: Instant) -> Result<usize, LinkError> {
         let mut errors = 0;
-        let Plan {
-            writes,
-            mut deletes,
-        } = plan;
+        let Plan { writes, mut deletes } = plan;
         let mut chunk: Vec<Write_> = Vec::new();
         let mut chunk_bytes = 0u64;
         let mut rest = writes.into_iter().peekable();
@@ -682,16 +596,11 @@ impl Engine {
                 chunk_bytes += w.size;
                 chunk.push(rest.next().expect("peeked"));
             }
-            let dels: Vec<String> = deletes
-                .drain(..deletes.len().min(BATCH_DELETES_MAX))
-                .collect();
+            let dels: Vec<String> = deletes.drain(..deletes.len().min(BATCH_DELETES_MAX)).collect();
             if chunk.is_empty() && dels.is_empty() {
                 break;
             }
-            errors += self
-                .send_batch(link, std::mem::take(&mut chunk), dels, initial, t0)
-                .await?
-                .errors;
+            errors += self.send_batch(link, std::mem::take(&mut chunk), dels, initial, t0).await?.errors;
             chunk_bytes = 0;
         }
         Ok(errors)
@@ -705,62 +614,30 @@ impl Engine {
         initial: bool,
         t0: Instant,
     ) -> Result<BatchOutcome, LinkError> {
-        let changed = || {
-            writes
-                .iter()
-                .map(|w| w.wire.as_str())
-                .chain(deletes.iter().map(String::as_str))
-        };
+        let changed = || writes.iter().map(|w| w.wire.as_str()).chain(deletes.iter().map(String::as_str));
         let matches = |m: &PathMatcher| changed().any(|p| m.is_match(p));
-        let commands: Vec<CommandSpec> = self
-            .svc
-            .on_sync
-            .iter()
-            .filter(|t| matches(&t.when))
-            .map(|t| t.command.clone())
-            .collect();
+        let commands: Vec<CommandSpec> =
+            self.svc.on_sync.iter().filter(|t| matches(&t.when)).map(|t| t.command.clone()).collect();
         // The initial sync happens before the app is configured (it starts on
         // the synced files), so only live batches restart it.
-        let restart = !initial
-            && self
-                .svc
-                .app
-                .as_ref()
-                .is_some_and(|a| a.restart && a.restart_when.as_ref().is_none_or(matches));
+        let restart =
+            !initial && self.svc.app.as_ref().is_some_and(|a| a.restart && a.restart_when.as_ref().is_none_or(matches));
         let bytes: u64 = writes.iter().map(|w| w.size).sum();
         self.batches += 1;
         let files = writes.len() as u64;
-        self.rep.send(Kind::SyncStarted {
-            batch: self.batches,
-            initial,
-            files,
-            deletes: deletes.len() as u64,
-            bytes,
-        });
+        self.rep.send(Kind::SyncStarted { batch: self.batches, initial, files, deletes: deletes.len() as u64, bytes });
         let closed = || LinkError::Lost("connection closed while sending".into());
-        let inline = bytes <= INLINE_BATCH_MAX
-            && writes
-                .iter()
-                .all(|w| w.kind != EntryKind::File || w.content.is_some());
+        let inline =
+            bytes <= INLINE_BATCH_MAX && writes.iter().all(|w| w.kind != EntryKind::File || w.content.is_some());
         let (sent, applied) = if writes.is_empty() {
-            (
-                Vec::new(),
-                link.begin_batch(deletes.clone(), commands, restart, false)
-                    .await?
-                    .applied,
-            )
+            (Vec::new(), link.begin_batch(deletes.clone(), commands, restart, false).await?.applied)
         } else if inline {
             // The fast path for an edit: built in memory, sent in one write.
             let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
             let sent = build_archive(&mut buf, writes);
-            (
-                sent,
-                link.inline_batch(deletes.clone(), commands, restart, &buf)?,
-            )
+            (sent, link.inline_batch(deletes.clone(), commands, restart, &buf)?)
         } else {
-            let pending = link
-                .begin_batch(deletes.clone(), commands, restart, true)
-                .await?;
+            let pending = link.begin_batch(deletes.clone(), commands, restart, true).await?;
             let stream = pending.stream.ok_or_else(closed)?;
             let rt = tokio::runtime::Handle::current();
             let build = tokio::task::spawn_blocking(move || {
@@ -773,15 +650,8 @@ impl Engine {
                 _ => return Err(closed()),
             }
         };
-        let Applied {
-            written,
-            deleted,
-            bytes,
-            errors,
-            ..
-        } = applied
-            .await
-            .map_err(|_| LinkError::Lost("connection closed".into()))??;
+        let Applied { written, deleted, bytes, errors, .. } =
+            applied.await.map_err(|_| LinkError::Lost("connection closed".into()))??;
         for d in &deletes {
             self.model.remove(d);
         }
@@ -794,10 +664,7 @@ impl Engine {
             }
         }
         for e in &errors {
-            self.rep.send(Kind::SyncError {
-                path: e.path.clone(),
-                message: e.message.clone(),
-            });
+            self.rep.send(Kind::SyncError { path: e.path.clone(), message: e.message.clone() });
         }
         self.rep.send(Kind::SyncApplied {
             batch: self.batches,
@@ -807,18 +674,11 @@ impl Engine {
             bytes,
             latency_ms: t0.elapsed().as_secs_f64() * 1e3,
         });
-        Ok(BatchOutcome {
-            errors: errors.len(),
-        })
+        Ok(BatchOutcome { errors: errors.len() })
     }
 }
 
-fn absorb(
-    c: Change,
-    dirty: &mut BTreeSet<PathBuf>,
-    writing: &mut HashMap<PathBuf, Instant>,
-    rescan: &mut bool,
-) {
+fn absorb(c: Change, dirty: &mut BTreeSet<PathBuf>, writing: &mut HashMap<PathBuf, Instant>, rescan: &mut bool) {
     match c {
         Change::Settled(ps) => {
             for p in ps {
@@ -890,11 +750,7 @@ fn walk_rule(
         filter.load_dir(base);
     }
     let mut keep = |wire: &str, is_dir: bool| -> bool {
-        let rel = if to.is_empty() {
-            wire
-        } else {
-            wire[to.len()..].trim_start_matches('/')
-        };
+        let rel = if to.is_empty() { wire } else { wire[to.len()..].trim_start_matches('/') };
         let abs = from.join(rel);
         if filter.is_ignored(&abs, is_dir) {
             if is_dir {
@@ -912,14 +768,7 @@ fn walk_rule(
         }
         true
     };
-    index::walk(
-        base,
-        prefix,
-        &mut keep,
-        WalkOptions::default(),
-        found,
-        skipped,
-    );
+    index::walk(base, prefix, &mut keep, WalkOptions::default(), found, skipped);
 }
 
 /// Writes a tar archive of `writes` and returns the entries as sent (hash
@@ -927,9 +776,7 @@ fn walk_rule(
 fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
     let mut b = tar::Builder::new(out);
     let mut sent = Vec::with_capacity(writes.len());
-    let mtime = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let mtime = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     for w in writes {
         let mut h = tar::Header::new_gnu();
         h.set_mode(w.mode);
@@ -963,14 +810,7 @@ fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_size(0);
                 let r = b.append_data(&mut h, &w.wire, std::io::empty());
-                sent.push(Entry {
-                    path: w.wire,
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    mode: w.mode,
-                    hash: 0,
-                    link: None,
-                });
+                sent.push(Entry { path: w.wire, kind: EntryKind::Dir, size: 0, mode: w.mode, hash: 0, link: None });
                 r
             }
             EntryKind::Symlink => {

@@ -52,7 +52,9 @@ impl TargetError {
                  `cargo install --path agent`, or set DEVLOOP_AGENT_BIN to its path"
                     .into(),
             ),
-            TargetError::Spawn { .. } => Some("check that the command exists and is executable (target.exec.command)".into()),
+            TargetError::Spawn { .. } => {
+                Some("check that the command exists and is executable (target.exec.command)".into())
+            }
             TargetError::Token { .. } => None,
         }
     }
@@ -74,10 +76,7 @@ impl Process {
     /// Waits for the process to exit after the session closed, then kills
     /// it if it is still there.
     pub async fn stop(mut self, grace: Duration) {
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
         }
     }
@@ -85,41 +84,25 @@ impl Process {
 
 /// Starts the agent for a target.
 pub async fn start(target: &Target, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
-    rep.send(Kind::AgentStarting {
-        target: target.describe(),
-    });
+    rep.send(Kind::AgentStarting { target: target.describe() });
     match target {
         Target::Local { root } => {
             let cmd = local::command(root)?;
             spawn_stdio(cmd, token, TokenVia::Env, rep).await
         }
-        Target::Exec {
-            command,
-            token: via,
-        } => spawn_stdio(exec::command(command), token, *via, rep).await,
+        Target::Exec { command, token: via } => spawn_stdio(exec::command(command), token, *via, rep).await,
     }
 }
 
 /// Spawns a process whose stdio is the agent's, hands it the token, and
 /// forwards its stderr as agent log events.
-async fn spawn_stdio(
-    mut cmd: Command,
-    token: &str,
-    via: TokenVia,
-    rep: &Reporter,
-) -> Result<Started, TargetError> {
+async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporter) -> Result<Started, TargetError> {
     let shown = format!("{:?}", cmd.as_std().get_program());
     if via == TokenVia::Env {
         cmd.env(devloop_agent::protocol::TOKEN_ENV, token);
     }
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| TargetError::Spawn {
-        command: shown.clone(),
-        source,
-    })?;
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| TargetError::Spawn { command: shown.clone(), source })?;
     // All three were requested as pipes just above.
     let mut stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -128,10 +111,7 @@ async fn spawn_stdio(
         stdin
             .write_all(format!("{token}\n").as_bytes())
             .await
-            .map_err(|source| TargetError::Token {
-                command: shown.clone(),
-                source,
-            })?;
+            .map_err(|source| TargetError::Token { command: shown.clone(), source })?;
     }
     let rep = rep.clone();
     tokio::spawn(async move {
@@ -140,8 +120,5 @@ async fn spawn_stdio(
             rep.send(Kind::AgentLog { line });
         }
     });
-    Ok(Started {
-        io: Box::new(tokio::io::join(stdout, stdin)),
-        process: Process { child },
-    })
+    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { child } })
 }

@@ -50,9 +50,7 @@ impl Watch {
         let flag = overflow.clone();
         let inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let change = match res {
-                Ok(ev) if ev.need_rescan() => {
-                    Change::Rescan("the kernel's event queue overflowed".into())
-                }
+                Ok(ev) if ev.need_rescan() => Change::Rescan("the kernel's event queue overflowed".into()),
                 Ok(ev) => {
                     if ev.paths.is_empty() {
                         return;
@@ -70,14 +68,7 @@ impl Watch {
                 flag.store(true, Ordering::Relaxed);
             }
         })?;
-        Ok((
-            Watch {
-                inner,
-                watched: HashSet::new(),
-                overflow,
-            },
-            rx,
-        ))
+        Ok((Watch { inner, watched: HashSet::new(), overflow }, rx))
     }
 
     /// Watches one directory (not its subdirectories). Idempotent.
@@ -93,12 +84,7 @@ impl Watch {
     /// Forgets a directory and every watched directory below it (after it
     /// was deleted; the kernel already dropped its watches).
     pub fn remove_tree(&mut self, dir: &Path) {
-        let gone: Vec<PathBuf> = self
-            .watched
-            .iter()
-            .filter(|p| p.starts_with(dir))
-            .cloned()
-            .collect();
+        let gone: Vec<PathBuf> = self.watched.iter().filter(|p| p.starts_with(dir)).cloned().collect();
         for p in gone {
             let _ = self.inner.unwatch(&p);
             self.watched.remove(&p);

@@ -23,8 +23,7 @@ fn image() -> String {
 }
 
 fn noshell_image() -> String {
-    std::env::var("DEVLOOP_E2E_NOSHELL_IMAGE")
-        .unwrap_or_else(|_| "registry.k8s.io/pause:3.9".into())
+    std::env::var("DEVLOOP_E2E_NOSHELL_IMAGE").unwrap_or_else(|_| "registry.k8s.io/pause:3.9".into())
 }
 
 /// A client for the cluster in KUBECONFIG, or None (with a SKIP line) when
@@ -34,11 +33,7 @@ async fn client() -> Option<Client> {
         println!("SKIP: no cluster: KUBECONFIG is not set (scripts/test-cluster up prints one)");
         return None;
     }
-    Some(
-        Client::try_default()
-            .await
-            .expect("KUBECONFIG names a cluster devloop can reach"),
-    )
+    Some(Client::try_default().await.expect("KUBECONFIG names a cluster devloop can reach"))
 }
 
 /// A namespace of our own, deleted when the test ends (even on failure).
@@ -54,19 +49,12 @@ impl TestNamespace {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
         }))
         .unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
         // The default service account is created asynchronously; pods need it.
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            Api::namespaced(client.clone(), &name);
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
         let t0 = Instant::now();
         while sas.get_opt("default").await.unwrap().is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "no default service account in {name}"
-            );
+            assert!(t0.elapsed() < Duration::from_secs(60), "no default service account in {name}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         TestNamespace { name }
@@ -80,19 +68,12 @@ impl Drop for TestNamespace {
         // client) is blocked here: delete from a thread with its own runtime
         // and its own client.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 if let Ok(client) = Client::try_default().await {
                     let namespaces = Api::<Namespace>::all(client);
                     let dp = DeleteParams::default();
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        namespaces.delete(&name, &dp),
-                    )
-                    .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(30), namespaces.delete(&name, &dp)).await;
                 }
             });
         })
@@ -126,28 +107,15 @@ fn deployment(name: &str, image: &str, script: &str) -> Deployment {
 async fn ready_pod(pods: &Api<Pod>, app: &str) -> String {
     let t0 = Instant::now();
     loop {
-        let list = pods
-            .list(&ListParams::default().labels(&format!("app={app}")))
-            .await
-            .unwrap();
+        let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.unwrap();
         for p in list.items {
             let st = p.status.clone().unwrap_or_default();
-            let ready = st
-                .conditions
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            if st.phase.as_deref() == Some("Running")
-                && ready
-                && p.metadata.deletion_timestamp.is_none()
-            {
+            let ready = st.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            if st.phase.as_deref() == Some("Running") && ready && p.metadata.deletion_timestamp.is_none() {
                 return p.metadata.name.unwrap();
             }
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "no ready pod for app={app} in 120 s"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(120), "no ready pod for app={app} in 120 s");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -156,18 +124,8 @@ async fn ready_pod(pods: &Api<Pod>, app: &str) -> String {
 /// sent and the command is expected to read exactly that many bytes (some
 /// clusters' exec cannot half-close stdin, so stdin is always framed).
 async fn exec(pods: &Api<Pod>, pod: &str, cmd: &[&str], stdin: Option<&[u8]>) -> String {
-    let ap = AttachParams::default()
-        .stdin(stdin.is_some())
-        .stdout(true)
-        .stderr(false);
-    let mut p = pods
-        .exec(
-            pod,
-            cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            &ap,
-        )
-        .await
-        .unwrap();
+    let ap = AttachParams::default().stdin(stdin.is_some()).stdout(true).stderr(false);
+    let mut p = pods.exec(pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap).await.unwrap();
     if let Some(data) = stdin {
         let mut w = p.stdin().unwrap();
         w.write_all(data).await.unwrap();
@@ -189,26 +147,13 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
 
     let web = "mkdir -p /tmp/www && echo hello-from-pod > /tmp/www/index.html && echo devloop-ready && exec httpd -f -v -p 8080 -h /tmp/www";
-    deps.create(&PostParams::default(), &deployment("web", &image(), web))
-        .await
-        .unwrap();
-    deps.create(
-        &PostParams::default(),
-        &deployment("client", &image(), "exec sleep 3600"),
-    )
-    .await
-    .unwrap();
+    deps.create(&PostParams::default(), &deployment("web", &image(), web)).await.unwrap();
+    deps.create(&PostParams::default(), &deployment("client", &image(), "exec sleep 3600")).await.unwrap();
     let pod = ready_pod(&pods, "web").await;
 
     println!("step: exec with framed stdin in {pod}");
     // Exec, with stdin framed by length.
-    let got = exec(
-        &pods,
-        &pod,
-        &["sh", "-c", "head -c 11 > /tmp/f && cat /tmp/f"],
-        Some(b"hello world"),
-    )
-    .await;
+    let got = exec(&pods, &pod, &["sh", "-c", "head -c 11 > /tmp/f && cat /tmp/f"], Some(b"hello world")).await;
     assert_eq!(got, "hello world", "exec with framed stdin");
 
     println!("step: port-forward");
@@ -218,41 +163,24 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
         .expect("port-forward opens")
         .unwrap();
     let mut s = pf.take_stream(8080).unwrap();
-    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
     let mut resp = Vec::new();
     tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut resp))
         .await
         .expect("port-forward answers")
         .unwrap();
     let resp = String::from_utf8_lossy(&resp);
-    assert!(
-        resp.contains("200") && resp.contains("hello-from-pod"),
-        "port-forward response: {resp}"
-    );
+    assert!(resp.contains("200") && resp.contains("hello-from-pod"), "port-forward response: {resp}");
     drop(s);
     let _ = tokio::time::timeout(Duration::from_secs(10), pf.join()).await;
     println!("step: logs");
 
     // Logs stream (the readiness line, then httpd's request log).
-    let logs = pods
-        .log_stream(
-            &pod,
-            &LogParams {
-                follow: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let logs = pods.log_stream(&pod, &LogParams { follow: true, ..Default::default() }).await.unwrap();
     let mut lines = futures_util::AsyncBufReadExt::lines(logs);
-    let first = tokio::time::timeout(
-        Duration::from_secs(20),
-        futures_util::StreamExt::next(&mut lines),
-    )
-    .await
-    .expect("a log line");
+    let first = tokio::time::timeout(Duration::from_secs(20), futures_util::StreamExt::next(&mut lines))
+        .await
+        .expect("a log line");
     assert_eq!(first.and_then(Result::ok).as_deref(), Some("devloop-ready"));
 
     println!("step: service routing");
@@ -284,28 +212,16 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
         if got.contains("hello-from-pod") {
             break;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "Service {ip} never routed to the pod (last: {got:?})"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(60), "Service {ip} never routed to the pod (last: {got:?})");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     // What the server supports, for the Kubernetes target's no-shell path.
     let discovery = client.list_core_api_resources("v1").await.unwrap();
-    if discovery
-        .resources
-        .iter()
-        .any(|r| r.name == "pods/ephemeralcontainers")
-    {
-        println!(
-            "ephemeral containers: supported (no-shell image {})",
-            noshell_image()
-        );
+    if discovery.resources.iter().any(|r| r.name == "pods/ephemeralcontainers") {
+        println!("ephemeral containers: supported (no-shell image {})", noshell_image());
     } else {
-        println!(
-            "SKIP: ephemeral containers: this server has no pods/ephemeralcontainers subresource"
-        );
+        println!("SKIP: ephemeral containers: this server has no pods/ephemeralcontainers subresource");
     }
     drop(ns);
 }

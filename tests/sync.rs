@@ -15,11 +15,7 @@ fn initial_sync_sends_differences_removes_extras_and_keeps_excluded_paths() {
     p.write("a.txt", b"alpha");
     p.write("dir/b.txt", b"beta");
     p.write("dir/run.sh", b"#!/bin/sh\necho hi\n");
-    std::fs::set_permissions(
-        p.src().join("dir/run.sh"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(p.src().join("dir/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink("b.txt", p.src().join("dir/link")).unwrap();
     p.write("scratch.tmp", b"excluded in config");
     std::fs::write(p.src().join(".gitignore"), "*.log\n").unwrap();
@@ -41,36 +37,17 @@ fn initial_sync_sends_differences_removes_extras_and_keeps_excluded_paths() {
     assert_eq!(code, 0, "{output}");
     let skip = |r: &str| excluded(r) || r.ends_with(".log");
     assert_eq!(snapshot(&p.src(), &skip), snapshot(&out, &skip));
-    assert_eq!(
-        std::fs::read_to_string(out.join("node_modules/pkg/index.js")).unwrap(),
-        "keep me"
-    );
-    assert_eq!(
-        std::fs::read_to_string(out.join("server.log")).unwrap(),
-        "keep me: ignored"
-    );
-    assert!(
-        !out.join("debug.log").exists(),
-        ".gitignore'd file not sent"
-    );
+    assert_eq!(std::fs::read_to_string(out.join("node_modules/pkg/index.js")).unwrap(), "keep me");
+    assert_eq!(std::fs::read_to_string(out.join("server.log")).unwrap(), "keep me: ignored");
+    assert!(!out.join("debug.log").exists(), ".gitignore'd file not sent");
     assert!(!out.join("scratch.tmp").exists(), "excluded file not sent");
-    assert!(
-        std::fs::metadata(out.join("dir/run.sh"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o111
-            != 0
-    );
+    assert!(std::fs::metadata(out.join("dir/run.sh")).unwrap().permissions().mode() & 0o111 != 0);
     assert_eq!(before, fingerprint(&p.src()), "source tree modified");
 
     // A second run finds nothing to send.
     let (code, output) = p.sync_once();
     assert_eq!(code, 0, "{output}");
-    assert!(
-        !output.contains("sending"),
-        "an unchanged re-sync sent files:\n{output}"
-    );
+    assert!(!output.contains("sending"), "an unchanged re-sync sent files:\n{output}");
 }
 
 #[test]
@@ -84,36 +61,17 @@ fn live_sync_follows_every_kind_of_change() {
     type Step<'a> = (&'static str, Box<dyn Fn() + 'a>);
     let steps: Vec<Step> = vec![
         ("edit", Box::new(|| p.write("keep.txt", b"edited"))),
-        (
-            "create in new dirs",
-            Box::new(|| p.write("new/deep/er/x.txt", b"x")),
-        ),
-        (
-            "delete file",
-            Box::new(|| std::fs::remove_file(src.join("new/deep/er/x.txt")).unwrap()),
-        ),
-        (
-            "rename file",
-            Box::new(|| std::fs::rename(src.join("keep.txt"), src.join("renamed.txt")).unwrap()),
-        ),
-        (
-            "rename dir",
-            Box::new(|| std::fs::rename(src.join("old"), src.join("moved")).unwrap()),
-        ),
+        ("create in new dirs", Box::new(|| p.write("new/deep/er/x.txt", b"x"))),
+        ("delete file", Box::new(|| std::fs::remove_file(src.join("new/deep/er/x.txt")).unwrap())),
+        ("rename file", Box::new(|| std::fs::rename(src.join("keep.txt"), src.join("renamed.txt")).unwrap())),
+        ("rename dir", Box::new(|| std::fs::rename(src.join("old"), src.join("moved")).unwrap())),
         (
             "chmod +x",
             Box::new(|| {
-                std::fs::set_permissions(
-                    src.join("renamed.txt"),
-                    std::fs::Permissions::from_mode(0o755),
-                )
-                .unwrap()
+                std::fs::set_permissions(src.join("renamed.txt"), std::fs::Permissions::from_mode(0o755)).unwrap()
             }),
         ),
-        (
-            "symlink",
-            Box::new(|| std::os::unix::fs::symlink("renamed.txt", src.join("ln")).unwrap()),
-        ),
+        ("symlink", Box::new(|| std::os::unix::fs::symlink("renamed.txt", src.join("ln")).unwrap())),
         (
             "file becomes dir",
             Box::new(|| {
@@ -121,14 +79,8 @@ fn live_sync_follows_every_kind_of_change() {
                 p.write("renamed.txt/inner", b"now a dir");
             }),
         ),
-        (
-            "delete whole tree",
-            Box::new(|| std::fs::remove_dir_all(src.join("moved")).unwrap()),
-        ),
-        (
-            "excluded stays out",
-            Box::new(|| p.write("node_modules/big.js", b"never synced")),
-        ),
+        ("delete whole tree", Box::new(|| std::fs::remove_dir_all(src.join("moved")).unwrap())),
+        ("excluded stays out", Box::new(|| p.write("node_modules/big.js", b"never synced"))),
         ("empty file", Box::new(|| p.write("empty", b""))),
     ];
     for (name, step) in &steps {
@@ -146,10 +98,7 @@ fn live_sync_follows_every_kind_of_change() {
 fn a_thousand_file_branch_switch_converges_in_a_few_batches() {
     let p = Project::new();
     for i in 0..1000 {
-        p.write(
-            &format!("pkg{}/file{i}.rs", i % 40),
-            format!("fn v1_{i}() {{}}\n").as_bytes(),
-        );
+        p.write(&format!("pkg{}/file{i}.rs", i % 40), format!("fn v1_{i}() {{}}\n").as_bytes());
     }
     let mut w = p.watch();
     wait_converged(&p, Some(&mut w), T);
@@ -172,10 +121,7 @@ fn a_thousand_file_branch_switch_converges_in_a_few_batches() {
     std::thread::sleep(Duration::from_millis(300));
     let batches = w.count("sync_started") - before;
     eprintln!("branch switch took {batches} batches");
-    assert!(
-        batches <= 40,
-        "a 2000-change storm should coalesce, took {batches} batches"
-    );
+    assert!(batches <= 40, "a 2000-change storm should coalesce, took {batches} batches");
     assert_eq!(w.count("sync_error"), 0, "{}", w.dump());
 }
 
@@ -210,10 +156,7 @@ fn a_reader_never_sees_a_partial_file() {
     wait_converged(&p, Some(&mut w), T);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (reads, versions) = reader.join().expect("reader saw only whole files");
-    assert!(
-        reads > 20 && versions.len() > 3,
-        "reader too slow to prove anything: {reads} reads, {versions:?}"
-    );
+    assert!(reads > 20 && versions.len() > 3, "reader too slow to prove anything: {reads} reads, {versions:?}");
 }
 
 #[test]
@@ -240,10 +183,7 @@ fn killing_the_agent_mid_batch_leaves_old_or_new_files_and_converges() {
     w.wait_event("agent_lost", T);
     w.wait_event("agent_connected", T);
     wait_converged(&p, Some(&mut w), T);
-    let temps: Vec<_> = snapshot(&p.out(), &|_| false)
-        .into_keys()
-        .filter(|k| k.contains(".devloop-tmp-"))
-        .collect();
+    let temps: Vec<_> = snapshot(&p.out(), &|_| false).into_keys().filter(|k| k.contains(".devloop-tmp-")).collect();
     assert!(temps.is_empty(), "temporaries left behind: {temps:?}");
 }
 
@@ -275,17 +215,11 @@ fn post_sync_commands_run_on_matching_changes_and_the_app_restarts() {
     p.replace("package.json", b"{\"v\":2}");
     let ex = w.wait_event("command_exited", T);
     assert_eq!(ex["code"], 0, "{}", w.dump());
-    assert_eq!(
-        std::fs::read_to_string(p.out().join("installed.txt")).unwrap(),
-        "{\"v\":2}"
-    );
+    assert_eq!(std::fs::read_to_string(p.out().join("installed.txt")).unwrap(), "{\"v\":2}");
     let second = w.wait_event("app_started", T)["pid"].as_u64().unwrap();
     assert_ne!(first, second, "app restarted after the sync");
     // The old app is gone.
-    assert!(
-        unsafe { libc::kill(first as i32, 0) } != 0,
-        "old app still running"
-    );
+    assert!(unsafe { libc::kill(first as i32, 0) } != 0, "old app still running");
     // A failing command is reported with its exit code, and the app is left
     // alone (no restart after a failed post-sync command).
     p.write("scripts/x.sh", b"echo");
@@ -300,19 +234,15 @@ fn post_sync_commands_run_on_matching_changes_and_the_app_restarts() {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        unsafe { libc::kill(agent, 0) } != 0,
-        "agent still running after Ctrl-C"
-    );
-    assert!(
-        unsafe { libc::kill(second as i32, 0) } != 0,
-        "app still running after Ctrl-C"
-    );
+    assert!(unsafe { libc::kill(agent, 0) } != 0, "agent still running after Ctrl-C");
+    assert!(unsafe { libc::kill(second as i32, 0) } != 0, "app still running after Ctrl-C");
 }
 
 #[test]
 fn sync_once_reports_an_unreachable_target_with_exit_code_3() {
-    let p = Project::with_yaml("services:\n  svc:\n    target: {exec: {command: [\"false\"]}}\n    sync:\n      - from: src\n");
+    let p = Project::with_yaml(
+        "services:\n  svc:\n    target: {exec: {command: [\"false\"]}}\n    sync:\n      - from: src\n",
+    );
     let (code, output) = p.sync_once();
     assert_eq!(code, 3, "{output}");
     assert!(output.contains("error"), "{output}");
@@ -320,8 +250,7 @@ fn sync_once_reports_an_unreachable_target_with_exit_code_3() {
 
 #[test]
 fn the_exec_target_runs_the_agent_through_a_user_command() {
-    let agent =
-        std::path::PathBuf::from(env!("CARGO_BIN_EXE_devloop")).with_file_name("devloop-agent");
+    let agent = std::path::PathBuf::from(env!("CARGO_BIN_EXE_devloop")).with_file_name("devloop-agent");
     let yaml = format!(
         "services:\n  svc:\n    target:\n      exec:\n        command: [sh, -c, 'exec \"$0\" serve --stdio --token-stdin --root out', {}]\n        token: stdin\n    sync:\n      - from: src\n",
         agent.display()
@@ -330,10 +259,7 @@ fn the_exec_target_runs_the_agent_through_a_user_command() {
     p.write("hello.txt", b"through exec");
     let (code, output) = p.sync_once();
     assert_eq!(code, 0, "{output}");
-    assert_eq!(
-        std::fs::read_to_string(p.out().join("hello.txt")).unwrap(),
-        "through exec"
-    );
+    assert_eq!(std::fs::read_to_string(p.out().join("hello.txt")).unwrap(), "through exec");
 }
 
 #[test]
@@ -350,11 +276,7 @@ fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_millis(120) {
         let now = std::fs::read(&target).unwrap();
-        assert!(
-            now == b"old",
-            "target showed a file still being written: {:?}",
-            String::from_utf8_lossy(&now)
-        );
+        assert!(now == b"old", "target showed a file still being written: {:?}", String::from_utf8_lossy(&now));
         std::thread::sleep(Duration::from_millis(2));
     }
     f.write_all(b"second half").unwrap();
@@ -364,19 +286,11 @@ fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
 
     // A writer that keeps the file open (a log) is still synced, after a
     // short hold.
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(p.src().join("app.log"))
-        .unwrap();
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(p.src().join("app.log")).unwrap();
     log.write_all(b"line 1\n").unwrap();
     let t0 = Instant::now();
     while std::fs::read(p.out().join("app.log")).ok().as_deref() != Some(b"line 1\n".as_slice()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "an open file was never synced\n{}",
-            w.dump()
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "an open file was never synced\n{}", w.dump());
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(log);

@@ -116,10 +116,7 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
     let entries = match ar.entries() {
         Ok(e) => e,
         Err(e) => {
-            out.errors.push(PathError {
-                path: String::new(),
-                message: format!("unreadable archive: {e}"),
-            });
+            out.errors.push(PathError { path: String::new(), message: format!("unreadable archive: {e}") });
             return;
         }
     };
@@ -129,10 +126,8 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
             Err(e) => {
                 // The stream itself is broken: nothing after this point can
                 // be trusted to be framed correctly.
-                out.errors.push(PathError {
-                    path: String::new(),
-                    message: format!("archive is corrupt or truncated: {e}"),
-                });
+                out.errors
+                    .push(PathError { path: String::new(), message: format!("archive is corrupt or truncated: {e}") });
                 return;
             }
         };
@@ -144,20 +139,13 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
                 out.bytes += bytes;
             }
             Ok(None) => out.written += 1,
-            Err(message) => out.errors.push(PathError {
-                path: shown,
-                message,
-            }),
+            Err(message) => out.errors.push(PathError { path: shown, message }),
         }
     }
 }
 
 /// Applies one tar entry; returns the bytes written for a file.
-fn apply_entry<R: Read>(
-    root: &Path,
-    raw: &[u8],
-    entry: &mut tar::Entry<R>,
-) -> Result<Option<u64>, String> {
+fn apply_entry<R: Read>(root: &Path, raw: &[u8], entry: &mut tar::Entry<R>) -> Result<Option<u64>, String> {
     use tar::EntryType as T;
     let kind = entry.header().entry_type();
     let mut path = std::str::from_utf8(raw).map_err(|_| "path is not valid UTF-8".to_string())?;
@@ -168,15 +156,10 @@ fn apply_entry<R: Read>(
     let (name, parents) = comps.split_last().ok_or("empty path")?;
     let dir = ensure_dirs(root, parents)?;
     let target = dir.join(name);
-    let mode = entry
-        .header()
-        .mode()
-        .map_err(|e| format!("bad mode: {e}"))?
-        & 0o777;
+    let mode = entry.header().mode().map_err(|e| format!("bad mode: {e}"))? & 0o777;
     match kind {
         T::Regular | T::Continuous => {
-            let n =
-                write_file(&dir, &target, entry, mode).map_err(|e| format!("write failed: {e}"))?;
+            let n = write_file(&dir, &target, entry, mode).map_err(|e| format!("write failed: {e}"))?;
             Ok(Some(n))
         }
         T::Directory => {
@@ -195,12 +178,8 @@ fn apply_entry<R: Read>(
             Ok(None)
         }
         T::Symlink => {
-            let link = entry
-                .link_name_bytes()
-                .ok_or("symlink without a target")?
-                .into_owned();
-            let link = std::str::from_utf8(&link)
-                .map_err(|_| "symlink target is not valid UTF-8".to_string())?;
+            let link = entry.link_name_bytes().ok_or("symlink without a target")?.into_owned();
+            let link = std::str::from_utf8(&link).map_err(|_| "symlink target is not valid UTF-8".to_string())?;
             paths::check_link_target(path, link).map_err(|e| e.to_string())?;
             let tmp = temp_name(&dir);
             std::os::unix::fs::symlink(link, &tmp).map_err(|e| e.to_string())?;
@@ -212,10 +191,7 @@ fn apply_entry<R: Read>(
         }
         T::Link => Err("hard links are not synced (only files, directories and symlinks)".into()),
         T::Char | T::Block | T::Fifo => Err("device and fifo entries are not synced".into()),
-        other => Err(format!(
-            "tar entry type {:?} is not synced",
-            other.as_byte() as char
-        )),
+        other => Err(format!("tar entry type {:?} is not synced", other.as_byte() as char)),
     }
 }
 
@@ -228,19 +204,12 @@ fn ensure_dirs(root: &Path, parents: &[&str]) -> Result<PathBuf, String> {
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "parent `{}` is a symlink; refusing to write through it",
-                    parents[..=i].join("/")
-                ))
+                return Err(format!("parent `{}` is a symlink; refusing to write through it", parents[..=i].join("/")))
             }
-            Ok(_) => {
-                return Err(format!(
-                    "parent `{}` is not a directory",
-                    parents[..=i].join("/")
-                ))
+            Ok(_) => return Err(format!("parent `{}` is not a directory", parents[..=i].join("/"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&p).map_err(|e| format!("cannot create `{}`: {e}", parents[..=i].join("/")))?
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&p)
-                .map_err(|e| format!("cannot create `{}`: {e}", parents[..=i].join("/")))?,
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -265,11 +234,7 @@ fn umask() -> u32 {
 
 fn temp_name(dir: &Path) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    dir.join(format!(
-        "{TEMP_PREFIX}{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
+    dir.join(format!("{TEMP_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
 }
 
 fn write_file(dir: &Path, target: &Path, src: &mut impl Read, mode: u32) -> io::Result<u64> {
@@ -304,10 +269,7 @@ fn replace(tmp: &Path, target: &Path) -> io::Result<()> {
     match std::fs::rename(tmp, target) {
         Err(e) if target.is_dir() && !target.is_symlink() => match std::fs::remove_dir(target) {
             Ok(()) => std::fs::rename(tmp, target),
-            Err(_) => Err(io::Error::new(
-                e.kind(),
-                "a non-empty directory is in the way",
-            )),
+            Err(_) => Err(io::Error::new(e.kind(), "a non-empty directory is in the way")),
         },
         r => r,
     }
@@ -325,10 +287,7 @@ fn delete(root: &Path, wire: &str) -> Result<bool, String> {
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "parent `{}` is a symlink; refusing to delete through it",
-                    parents[..=i].join("/")
-                ))
+                return Err(format!("parent `{}` is a symlink; refusing to delete through it", parents[..=i].join("/")))
             }
             // Nothing can exist below a missing parent or a file.
             _ => return Ok(false),
@@ -342,9 +301,7 @@ fn delete(root: &Path, wire: &str) -> Result<bool, String> {
             Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(false),
             Err(e) => Err(e.to_string()),
         },
-        Ok(_) => std::fs::remove_file(&p)
-            .map(|_| true)
-            .map_err(|e| e.to_string()),
+        Ok(_) => std::fs::remove_file(&p).map(|_| true).map_err(|e| e.to_string()),
     }
 }
 

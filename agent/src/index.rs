@@ -64,10 +64,7 @@ pub fn walk(
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return,
         Err(e) => {
-            skipped.push(Skipped {
-                abs: base.to_path_buf(),
-                reason: e.to_string(),
-            });
+            skipped.push(Skipped { abs: base.to_path_buf(), reason: e.to_string() });
             return;
         }
     };
@@ -78,10 +75,7 @@ pub fn walk(
         let abs = de.path();
         let name = de.file_name();
         let Some(name) = name.to_str() else {
-            skipped.push(Skipped {
-                abs,
-                reason: "name is not valid UTF-8".into(),
-            });
+            skipped.push(Skipped { abs, reason: "name is not valid UTF-8".into() });
             continue;
         };
         if let Some(rest) = name.strip_prefix(TEMP_PREFIX) {
@@ -92,20 +86,14 @@ pub fn walk(
         }
         let wire = paths::join_wire(prefix, name);
         if paths::components(&wire).is_err() {
-            skipped.push(Skipped {
-                abs,
-                reason: "path too long".into(),
-            });
+            skipped.push(Skipped { abs, reason: "path too long".into() });
             continue;
         }
         let md = match std::fs::symlink_metadata(&abs) {
             Ok(m) => m,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
-                    skipped.push(Skipped {
-                        abs,
-                        reason: e.to_string(),
-                    });
+                    skipped.push(Skipped { abs, reason: e.to_string() });
                 }
                 continue;
             }
@@ -116,53 +104,25 @@ pub fn walk(
             if !visit.keep(&wire, true) {
                 continue;
             }
-            out.push(Found {
-                path: wire.clone(),
-                abs: abs.clone(),
-                kind: EntryKind::Dir,
-                size: 0,
-                mode,
-                link: None,
-            });
+            out.push(Found { path: wire.clone(), abs: abs.clone(), kind: EntryKind::Dir, size: 0, mode, link: None });
             walk(&abs, &wire, visit, opts, out, skipped);
         } else if ft.is_file() {
             if visit.keep(&wire, false) {
-                out.push(Found {
-                    path: wire,
-                    abs,
-                    kind: EntryKind::File,
-                    size: md.size(),
-                    mode,
-                    link: None,
-                });
+                out.push(Found { path: wire, abs, kind: EntryKind::File, size: md.size(), mode, link: None });
             }
         } else if ft.is_symlink() {
             if !visit.keep(&wire, false) {
                 continue;
             }
             match std::fs::read_link(&abs).map(|t| t.to_str().map(str::to_owned)) {
-                Ok(Some(t)) => out.push(Found {
-                    path: wire,
-                    abs,
-                    kind: EntryKind::Symlink,
-                    size: 0,
-                    mode: 0o777,
-                    link: Some(t),
-                }),
-                Ok(None) => skipped.push(Skipped {
-                    abs,
-                    reason: "symlink target is not valid UTF-8".into(),
-                }),
-                Err(e) => skipped.push(Skipped {
-                    abs,
-                    reason: e.to_string(),
-                }),
+                Ok(Some(t)) => {
+                    out.push(Found { path: wire, abs, kind: EntryKind::Symlink, size: 0, mode: 0o777, link: Some(t) })
+                }
+                Ok(None) => skipped.push(Skipped { abs, reason: "symlink target is not valid UTF-8".into() }),
+                Err(e) => skipped.push(Skipped { abs, reason: e.to_string() }),
             }
         } else {
-            skipped.push(Skipped {
-                abs,
-                reason: "not a regular file, directory or symlink".into(),
-            });
+            skipped.push(Skipped { abs, reason: "not a regular file, directory or symlink".into() });
         }
     }
 }
@@ -193,38 +153,19 @@ pub fn hash_bytes(b: &[u8]) -> u64 {
 /// the same order. Files that vanish or cannot be read are dropped and
 /// reported in `skipped`: they will be seen again by the next event or sync.
 pub fn hash_all(found: Vec<Found>, skipped: &mut Vec<Skipped>) -> Vec<(Found, Entry)> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let total_bytes: u64 = found.iter().map(|f| f.size).sum();
     let hash_one = |f: Found| -> Result<(Found, Entry), Skipped> {
         let hash = if f.kind == EntryKind::File {
             match hash_file(&f.abs) {
                 Ok((h, len)) if len == f.size => h,
-                Ok(_) => {
-                    return Err(Skipped {
-                        abs: f.abs,
-                        reason: "changed while being read".into(),
-                    })
-                }
-                Err(e) => {
-                    return Err(Skipped {
-                        abs: f.abs,
-                        reason: e.to_string(),
-                    })
-                }
+                Ok(_) => return Err(Skipped { abs: f.abs, reason: "changed while being read".into() }),
+                Err(e) => return Err(Skipped { abs: f.abs, reason: e.to_string() }),
             }
         } else {
             0
         };
-        let e = Entry {
-            path: f.path.clone(),
-            kind: f.kind,
-            size: f.size,
-            mode: f.mode,
-            hash,
-            link: f.link.clone(),
-        };
+        let e = Entry { path: f.path.clone(), kind: f.kind, size: f.size, mode: f.mode, hash, link: f.link.clone() };
         Ok((f, e))
     };
     let results: Vec<Result<(Found, Entry), Skipped>> = if threads < 2 || total_bytes < (8 << 20) {
@@ -236,18 +177,11 @@ pub fn hash_all(found: Vec<Found>, skipped: &mut Vec<Skipped>) -> Vec<(Found, En
         for (i, f) in found.into_iter().enumerate() {
             parts[i % threads].push((i, f));
         }
-        let mut slots: Vec<Option<Result<(Found, Entry), Skipped>>> =
-            (0..n).map(|_| None).collect();
+        let mut slots: Vec<Option<Result<(Found, Entry), Skipped>>> = (0..n).map(|_| None).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = parts
                 .into_iter()
-                .map(|part| {
-                    s.spawn(move || {
-                        part.into_iter()
-                            .map(|(i, f)| (i, hash_one(f)))
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|part| s.spawn(move || part.into_iter().map(|(i, f)| (i, hash_one(f))).collect::<Vec<_>>()))
                 .collect();
             for h in handles {
                 // A hashing thread only panics if hash_one panics, which it
@@ -283,16 +217,7 @@ mod tests {
         std::fs::write(d.path().join(".devloop-tmp-1-1"), "stale").unwrap();
         let mut out = vec![];
         let mut sk = vec![];
-        walk(
-            d.path(),
-            "",
-            &mut |_: &str, _: bool| true,
-            WalkOptions {
-                clean_stale_temps: true,
-            },
-            &mut out,
-            &mut sk,
-        );
+        walk(d.path(), "", &mut |_: &str, _: bool| true, WalkOptions { clean_stale_temps: true }, &mut out, &mut sk);
         let paths: Vec<_> = out.iter().map(|f| (f.path.as_str(), f.kind)).collect();
         assert_eq!(
             paths,
@@ -304,10 +229,7 @@ mod tests {
                 ("top", EntryKind::File)
             ]
         );
-        assert!(
-            !d.path().join(".devloop-tmp-1-1").exists(),
-            "stale temp removed"
-        );
+        assert!(!d.path().join(".devloop-tmp-1-1").exists(), "stale temp removed");
         let hashed = hash_all(out, &mut sk);
         assert_eq!(hashed[2].1.hash, hash_bytes(b"hello"));
         assert_eq!(hashed[3].1.link.as_deref(), Some("top"));

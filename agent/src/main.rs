@@ -47,24 +47,20 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             "--stdio" => listen = Some(Listen::Stdio),
             "--listen" => {
                 let v = val("--listen")?;
-                let addr: SocketAddr = v.parse().map_err(|_| {
-                    format!("--listen wants IP:PORT such as 127.0.0.1:7777, not `{v}`")
-                })?;
+                let addr: SocketAddr =
+                    v.parse().map_err(|_| format!("--listen wants IP:PORT such as 127.0.0.1:7777, not `{v}`"))?;
                 // Invariant 4: the control port is reachable from inside the
                 // pod only; the CLI reaches it through a port-forward.
                 if !addr.ip().is_loopback() {
-                    return Err(format!(
-                        "--listen {addr}: the agent only listens on loopback (127.0.0.1 or ::1)"
-                    ));
+                    return Err(format!("--listen {addr}: the agent only listens on loopback (127.0.0.1 or ::1)"));
                 }
                 listen = Some(Listen::Tcp(addr));
             }
             "--token-file" => token_file = Some(PathBuf::from(val("--token-file")?)),
             "--token-stdin" => token_stdin = true,
-            "--token" => return Err(
-                "--token is not accepted: pass the token in DEVLOOP_AGENT_TOKEN or --token-file"
-                    .into(),
-            ),
+            "--token" => {
+                return Err("--token is not accepted: pass the token in DEVLOOP_AGENT_TOKEN or --token-file".into())
+            }
             other => return Err(format!("unknown option `{other}`")),
         }
     }
@@ -73,18 +69,12 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     if token_stdin && !matches!(listen, Listen::Stdio) {
         return Err("--token-stdin only works with --stdio".into());
     }
-    Ok(Some(Args {
-        root,
-        listen,
-        token_file,
-        token_stdin,
-    }))
+    Ok(Some(Args { root, listen, token_file, token_stdin }))
 }
 
 fn read_token(args: &Args) -> Result<String, String> {
     let tok = if let Some(f) = &args.token_file {
-        std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read --token-file {}: {e}", f.display()))?
+        std::fs::read_to_string(f).map_err(|e| format!("cannot read --token-file {}: {e}", f.display()))?
     } else if args.token_stdin {
         let mut line = Vec::new();
         // Byte by byte and unbuffered (std's stdin buffers): the WebSocket
@@ -103,12 +93,8 @@ fn read_token(args: &Args) -> Result<String, String> {
         }
         String::from_utf8(line).map_err(|_| "--token-stdin: token is not UTF-8")?
     } else {
-        std::env::var(devloop_agent::protocol::TOKEN_ENV).map_err(|_| {
-            format!(
-                "no session token: set {} or pass --token-file",
-                devloop_agent::protocol::TOKEN_ENV
-            )
-        })?
+        std::env::var(devloop_agent::protocol::TOKEN_ENV)
+            .map_err(|_| format!("no session token: set {} or pass --token-file", devloop_agent::protocol::TOKEN_ENV))?
     };
     let tok = tok.trim().to_string();
     if tok.is_empty() {
@@ -121,11 +107,7 @@ fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1)) {
         Ok(Some(a)) => a,
         Ok(None) => {
-            println!(
-                "devloop-agent {} protocol {}",
-                devloop_agent::VERSION,
-                devloop_agent::protocol::PROTOCOL_VERSION
-            );
+            println!("devloop-agent {} protocol {}", devloop_agent::VERSION, devloop_agent::protocol::PROTOCOL_VERSION);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
@@ -145,19 +127,13 @@ fn main() -> ExitCode {
     // Safe here: no other thread exists yet.
     std::env::remove_var(devloop_agent::protocol::TOKEN_ENV);
     if let Err(e) = std::fs::create_dir_all(&args.root) {
-        eprintln!(
-            "devloop-agent: cannot create sync root {}: {e}",
-            args.root.display()
-        );
+        eprintln!("devloop-agent: cannot create sync root {}: {e}", args.root.display());
         return ExitCode::from(2);
     }
     let root = match std::fs::canonicalize(&args.root) {
         Ok(r) if r.is_dir() => r,
         Ok(r) => {
-            eprintln!(
-                "devloop-agent: sync root {} is not a directory",
-                r.display()
-            );
+            eprintln!("devloop-agent: sync root {} is not a directory", r.display());
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -168,10 +144,7 @@ fn main() -> ExitCode {
     // One thread runs every task: the agent's async work is routing bytes
     // between tasks, which is fastest without cross-thread wakeups; applying
     // batches, indexing and hashing run on threads of their own.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("devloop-agent: cannot start the runtime: {e}");

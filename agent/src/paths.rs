@@ -131,9 +131,7 @@ pub fn join_wire(prefix: &str, rel: &str) -> String {
 
 /// True when `path` is `dir` or lies below it (wire paths; "" is the root).
 pub fn is_within(path: &str, dir: &str) -> bool {
-    dir.is_empty()
-        || path == dir
-        || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
+    dir.is_empty() || path == dir || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
 }
 
 #[cfg(test)]
@@ -177,11 +175,7 @@ mod tests {
             ("d/a", "./.", true),
         ];
         for (link, target, ok) in cases {
-            assert_eq!(
-                check_link_target(link, target).is_ok(),
-                *ok,
-                "{link} -> {target}"
-            );
+            assert_eq!(check_link_target(link, target).is_ok(), *ok, "{link} -> {target}");
         }
     }
 

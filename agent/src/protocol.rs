@@ -86,18 +86,15 @@ impl Frame {
     pub fn decode(buf: &[u8]) -> Result<Frame, FrameError> {
         let (&tag, rest) = buf.split_first().ok_or(FrameError::Empty)?;
         match tag {
-            TAG_CONTROL => serde_json::from_slice(rest)
-                .map(Frame::Control)
-                .map_err(|e| FrameError::BadControl(e.to_string())),
+            TAG_CONTROL => {
+                serde_json::from_slice(rest).map(Frame::Control).map_err(|e| FrameError::BadControl(e.to_string()))
+            }
             TAG_DATA => {
                 if rest.len() < 4 {
                     return Err(FrameError::ShortData);
                 }
                 let stream = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-                Ok(Frame::Data {
-                    stream,
-                    bytes: rest[4..].to_vec(),
-                })
+                Ok(Frame::Data { stream, bytes: rest[4..].to_vec() })
             }
             t => Err(FrameError::UnknownTag(t)),
         }
@@ -119,70 +116,31 @@ pub fn encode_data(stream: u32, bytes: &[u8]) -> Vec<u8> {
 pub enum Control {
     // ---- agent -> CLI ----
     /// First message of every session.
-    Hello {
-        agent_version: String,
-        protocol: u32,
-        root: String,
-        pid: u32,
-    },
+    Hello { agent_version: String, protocol: u32, root: String, pid: u32 },
     /// Part of the answer to [`Control::IndexRequest`]; `done` on the last.
-    IndexPart {
-        id: u64,
-        entries: Vec<Entry>,
-        done: bool,
-    },
+    IndexPart { id: u64, entries: Vec<Entry>, done: bool },
     /// A batch has landed: every file in it is either fully written or
     /// listed in `errors`.
-    Applied {
-        id: u64,
-        written: u64,
-        deleted: u64,
-        bytes: u64,
-        errors: Vec<PathError>,
-        apply_us: u64,
-    },
+    Applied { id: u64, written: u64, deleted: u64, bytes: u64, errors: Vec<PathError>, apply_us: u64 },
     /// A post-sync command started.
     CommandStarted { batch: u64, command: String },
     /// A post-sync command ended. `code` is None when killed by a signal.
-    CommandExited {
-        batch: u64,
-        command: String,
-        code: Option<i32>,
-        ms: u64,
-    },
+    CommandExited { batch: u64, command: String, code: Option<i32>, ms: u64 },
     /// One line of output from a post-sync command or the app.
-    Output {
-        source: OutputSource,
-        stream: StdStream,
-        line: String,
-    },
+    Output { source: OutputSource, stream: StdStream, line: String },
     /// The app process changed state.
     App { state: AppState },
     /// Something went wrong. `fatal` errors are followed by a close.
-    Error {
-        code: ErrorCode,
-        message: String,
-        fatal: bool,
-    },
+    Error { code: ErrorCode, message: String, fatal: bool },
 
     // ---- CLI -> agent ----
     /// Index the trees under these root-relative directories ("" = root),
     /// not descending into `prune`.
-    IndexRequest {
-        id: u64,
-        under: Vec<String>,
-        prune: Vec<String>,
-    },
+    IndexRequest { id: u64, under: Vec<String>, prune: Vec<String> },
     /// Apply a batch: `deletes` first (in order), then the tar archive sent
     /// on `stream` (if any), then run `commands`, then restart the app when
     /// `restart` is set.
-    Batch {
-        id: u64,
-        deletes: Vec<String>,
-        stream: Option<u32>,
-        commands: Vec<CommandSpec>,
-        restart: bool,
-    },
+    Batch { id: u64, deletes: Vec<String>, stream: Option<u32>, commands: Vec<CommandSpec>, restart: bool },
     /// Configure (and start, or restart when changed) the app process.
     AppConfigure { app: Option<AppSpec> },
 
@@ -303,21 +261,12 @@ mod tests {
     #[test]
     fn control_round_trips() {
         let msgs = vec![
-            Control::Hello {
-                agent_version: "1.2.3".into(),
-                protocol: 1,
-                root: "/app".into(),
-                pid: 7,
-            },
+            Control::Hello { agent_version: "1.2.3".into(), protocol: 1, root: "/app".into(), pid: 7 },
             Control::Batch {
                 id: 3,
                 deletes: vec!["a/b".into()],
                 stream: Some(9),
-                commands: vec![CommandSpec {
-                    shell: Some("npm i".into()),
-                    argv: vec![],
-                    workdir: String::new(),
-                }],
+                commands: vec![CommandSpec { shell: Some("npm i".into()), argv: vec![], workdir: String::new() }],
                 restart: true,
             },
             Control::IndexPart {
@@ -332,18 +281,9 @@ mod tests {
                 }],
                 done: true,
             },
-            Control::Credit {
-                stream: 1,
-                bytes: 65536,
-            },
-            Control::Output {
-                source: OutputSource::App,
-                stream: StdStream::Stderr,
-                line: "é".into(),
-            },
-            Control::App {
-                state: AppState::Exited { code: Some(3) },
-            },
+            Control::Credit { stream: 1, bytes: 65536 },
+            Control::Output { source: OutputSource::App, stream: StdStream::Stderr, line: "é".into() },
+            Control::App { state: AppState::Exited { code: Some(3) } },
         ];
         for m in msgs {
             let f = Frame::Control(m);
@@ -354,10 +294,7 @@ mod tests {
     #[test]
     fn data_round_trips_including_empty_end_marker() {
         for bytes in [vec![], vec![0u8; 5], (0..=255u8).collect::<Vec<_>>()] {
-            let f = Frame::Data {
-                stream: 0xdead_beef,
-                bytes,
-            };
+            let f = Frame::Data { stream: 0xdead_beef, bytes };
             assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         }
     }
@@ -367,14 +304,8 @@ mod tests {
         assert_eq!(Frame::decode(&[]), Err(FrameError::Empty));
         assert_eq!(Frame::decode(&[9, 1, 2]), Err(FrameError::UnknownTag(9)));
         assert_eq!(Frame::decode(&[2, 0, 0]), Err(FrameError::ShortData));
-        assert!(matches!(
-            Frame::decode(b"\x01{\"type\":\"nope\"}"),
-            Err(FrameError::BadControl(_))
-        ));
-        assert!(matches!(
-            Frame::decode(b"\x01{\"type\":\"credit\""),
-            Err(FrameError::BadControl(_))
-        ));
+        assert!(matches!(Frame::decode(b"\x01{\"type\":\"nope\"}"), Err(FrameError::BadControl(_))));
+        assert!(matches!(Frame::decode(b"\x01{\"type\":\"credit\""), Err(FrameError::BadControl(_))));
     }
 
     #[test]

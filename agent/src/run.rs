@@ -37,11 +37,7 @@ fn command(root: &Path, spec: &CommandSpec) -> Result<Command, String> {
         }
         (None, None) => return Err("empty command".into()),
     };
-    cmd.current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    cmd.current_dir(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     Ok(cmd)
 }
 
@@ -65,11 +61,7 @@ fn pump<R: AsyncRead + Unpin + Send + 'static>(
                     }
                     buf.truncate(MAX_LINE);
                     let line = String::from_utf8_lossy(&buf).into_owned();
-                    send(Control::Output {
-                        source: source.clone(),
-                        stream,
-                        line,
-                    });
+                    send(Control::Output { source: source.clone(), stream, line });
                 }
             }
         }
@@ -87,27 +79,13 @@ pub async fn run_commands(
 ) -> bool {
     for spec in cmds {
         let shown = spec.display();
-        send(Control::CommandStarted {
-            batch,
-            command: shown.clone(),
-        });
+        send(Control::CommandStarted { batch, command: shown.clone() });
         let t0 = Instant::now();
-        let code = match command(root, spec)
-            .and_then(|mut c| c.spawn().map_err(|e| format!("cannot start: {e}")))
-        {
+        let code = match command(root, spec).and_then(|mut c| c.spawn().map_err(|e| format!("cannot start: {e}"))) {
             Ok(mut child) => {
-                let src = OutputSource::Command {
-                    batch,
-                    command: shown.clone(),
-                };
-                let a = child
-                    .stdout
-                    .take()
-                    .map(|o| pump(o, src.clone(), StdStream::Stdout, send.clone()));
-                let b = child
-                    .stderr
-                    .take()
-                    .map(|o| pump(o, src, StdStream::Stderr, send.clone()));
+                let src = OutputSource::Command { batch, command: shown.clone() };
+                let a = child.stdout.take().map(|o| pump(o, src.clone(), StdStream::Stdout, send.clone()));
+                let b = child.stderr.take().map(|o| pump(o, src, StdStream::Stderr, send.clone()));
                 let status = child.wait().await;
                 for h in [a, b].into_iter().flatten() {
                     let _ = h.await;
@@ -116,22 +94,14 @@ pub async fn run_commands(
             }
             Err(e) => {
                 send(Control::Output {
-                    source: OutputSource::Command {
-                        batch,
-                        command: shown.clone(),
-                    },
+                    source: OutputSource::Command { batch, command: shown.clone() },
                     stream: StdStream::Stderr,
                     line: e,
                 });
                 Some(127)
             }
         };
-        send(Control::CommandExited {
-            batch,
-            command: shown,
-            code,
-            ms: t0.elapsed().as_millis() as u64,
-        });
+        send(Control::CommandExited { batch, command: shown, code, ms: t0.elapsed().as_millis() as u64 });
         if code != Some(0) {
             return false;
         }
@@ -183,10 +153,7 @@ struct Running {
 pub fn start_app_manager(root: PathBuf) -> AppHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<AppCmd>();
     let (events, _) = broadcast::channel(1024);
-    let handle = AppHandle {
-        tx: tx.clone(),
-        events: events.clone(),
-    };
+    let handle = AppHandle { tx: tx.clone(), events: events.clone() };
     tokio::spawn(async move {
         let mut spec: Option<AppSpec> = None;
         let mut running: Option<Running> = None;
@@ -214,15 +181,10 @@ pub fn start_app_manager(root: PathBuf) -> AppHandle {
                         running = launch(&root, s, generation, tx.clone(), &emit);
                     }
                 }
-                AppCmd::Exited {
-                    generation: g,
-                    code,
-                } => {
+                AppCmd::Exited { generation: g, code } => {
                     if running.as_ref().is_some_and(|r| r.generation == g) {
                         running = None;
-                        emit(Control::App {
-                            state: AppState::Exited { code },
-                        });
+                        emit(Control::App { state: AppState::Exited { code } });
                     }
                 }
                 AppCmd::Shutdown(done) => {
@@ -245,32 +207,21 @@ fn launch(
 ) -> Option<Running> {
     let child: Result<Child, String> = command(root, &spec.command).and_then(|mut c| {
         c.envs(spec.env.iter().map(|(k, v)| (k, v)));
-        c.spawn()
-            .map_err(|e| format!("cannot start `{}`: {e}", spec.command.display()))
+        c.spawn().map_err(|e| format!("cannot start `{}`: {e}", spec.command.display()))
     });
     let mut child = match child {
         Ok(c) => c,
         Err(message) => {
-            emit(Control::App {
-                state: AppState::FailedToStart { message },
-            });
+            emit(Control::App { state: AppState::FailedToStart { message } });
             return None;
         }
     };
     let pid = child.id().unwrap_or(0);
-    emit(Control::App {
-        state: AppState::Started { pid },
-    });
+    emit(Control::App { state: AppState::Started { pid } });
     let e1 = emit.clone();
     let e2 = emit.clone();
-    let out = child
-        .stdout
-        .take()
-        .map(|o| pump(o, OutputSource::App, StdStream::Stdout, e1));
-    let err = child
-        .stderr
-        .take()
-        .map(|o| pump(o, OutputSource::App, StdStream::Stderr, e2));
+    let out = child.stdout.take().map(|o| pump(o, OutputSource::App, StdStream::Stdout, e1));
+    let err = child.stderr.take().map(|o| pump(o, OutputSource::App, StdStream::Stderr, e2));
     let (done_tx, done_rx) = oneshot::channel();
     tokio::spawn(async move {
         let code = child.wait().await.ok().and_then(|s| s.code());
@@ -282,11 +233,7 @@ fn launch(
         let _ = done_tx.send(());
         let _ = back.send(AppCmd::Exited { generation, code });
     });
-    Some(Running {
-        pid,
-        generation,
-        exited: done_rx,
-    })
+    Some(Running { pid, generation, exited: done_rx })
 }
 
 async fn stop(running: Option<Running>, spec: Option<&AppSpec>, emit: &impl Fn(Control)) {
@@ -301,7 +248,5 @@ async fn stop(running: Option<Running>, spec: Option<&AppSpec>, emit: &impl Fn(C
     }
     // Stragglers of the group that ignored SIGTERM.
     unsafe { libc::kill(pg, libc::SIGKILL) };
-    emit(Control::App {
-        state: AppState::Stopped,
-    });
+    emit(Control::App { state: AppState::Stopped });
 }

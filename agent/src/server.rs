@@ -8,9 +8,7 @@
 use crate::{apply, run};
 use devloop_agent::index::{self, WalkOptions};
 use devloop_agent::protocol::{Control, ErrorCode, PROTOCOL_VERSION};
-use devloop_agent::transport::{
-    self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound,
-};
+use devloop_agent::transport::{self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound};
 use devloop_agent::{paths, VERSION};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -63,10 +61,7 @@ pub async fn run(cfg: Config) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let local = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| addr.to_string());
+        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
         // The readiness line: the CLI (or a port-forward) waits for it.
         println!(
             "devloop-agent {VERSION} protocol {PROTOCOL_VERSION} listening on {local} root {}",
@@ -92,10 +87,7 @@ pub async fn run(cfg: Config) -> ExitCode {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
         }
@@ -186,21 +178,9 @@ where
             }
             Incoming::Control(c) => match c {
                 Control::IndexRequest { id, under, prune } => {
-                    tokio::spawn(send_index(
-                        shared.root.clone(),
-                        id,
-                        under,
-                        prune,
-                        out.clone(),
-                    ));
+                    tokio::spawn(send_index(shared.root.clone(), id, under, prune, out.clone()));
                 }
-                Control::Batch {
-                    id,
-                    deletes,
-                    stream,
-                    commands,
-                    restart,
-                } => {
+                Control::Batch { id, deletes, stream, commands, restart } => {
                     if let Some(s) = stream {
                         if streams.contains_key(&s) {
                             let m = format!("batch {id} reuses stream {s}, which is still open");
@@ -210,12 +190,7 @@ where
                         streams.insert(s, StreamIn::Buffer(Vec::new()));
                     }
                     let (done, result) = tokio::sync::oneshot::channel();
-                    queued.push_back(Queued {
-                        stream,
-                        deletes,
-                        archive: None,
-                        done,
-                    });
+                    queued.push_back(Queued { stream, deletes, archive: None, done });
                     if !dispatch(&mut queued, &shared) {
                         fatal(&out, "the apply worker is gone");
                         break End::Io("apply worker stopped".into());
@@ -234,11 +209,7 @@ where
                             apply_us: o.apply_us,
                         });
                         if !commands.is_empty() || (restart && changed) {
-                            let _ = post_sync.send(PostSync {
-                                batch: id,
-                                commands,
-                                restart: restart && changed,
-                            });
+                            let _ = post_sync.send(PostSync { batch: id, commands, restart: restart && changed });
                         }
                     });
                 }
@@ -252,16 +223,8 @@ where
             },
         }
     };
-    let clean = matches!(
-        end,
-        End::Closed {
-            code: close_code::NORMAL,
-            ..
-        } | End::Closed {
-            code: close_code::SHUTDOWN,
-            ..
-        }
-    );
+    let clean =
+        matches!(end, End::Closed { code: close_code::NORMAL, .. } | End::Closed { code: close_code::SHUTDOWN, .. });
     if !clean {
         eprintln!("devloop-agent: session {peer} ended: {end}");
     }
@@ -303,11 +266,7 @@ fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
         if small && shared.apply.idle() {
             let out = apply::apply(&shared.root, q.deletes, q.archive);
             let _ = q.done.send(out);
-        } else if !shared.apply.send(apply::Job {
-            deletes: q.deletes,
-            archive: q.archive,
-            done: q.done,
-        }) {
+        } else if !shared.apply.send(apply::Job { deletes: q.deletes, archive: q.archive, done: q.done }) {
             return false;
         }
     }
@@ -315,15 +274,8 @@ fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
 }
 
 fn fatal(out: &Outbound, message: &str) {
-    let _ = out.control(Control::Error {
-        code: ErrorCode::Protocol,
-        message: message.to_string(),
-        fatal: true,
-    });
-    out.close(
-        close_code::PROTOCOL,
-        message.chars().take(120).collect::<String>(),
-    );
+    let _ = out.control(Control::Error { code: ErrorCode::Protocol, message: message.to_string(), fatal: true });
+    out.close(close_code::PROTOCOL, message.chars().take(120).collect::<String>());
 }
 
 fn kind_of(c: &Control) -> String {
@@ -344,11 +296,7 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<Strin
                     message: format!("index of `{u}`: {e}"),
                     fatal: false,
                 });
-                let _ = out.control(Control::IndexPart {
-                    id,
-                    entries: vec![],
-                    done: true,
-                });
+                let _ = out.control(Control::IndexPart { id, entries: vec![], done: true });
                 return;
             }
         }
@@ -359,33 +307,13 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<Strin
         let mut keep = |wire: &str, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
         for u in &under {
             // A base that is a symlink is not followed (invariant 1).
-            let base = if u.is_empty() {
-                root.clone()
-            } else {
-                paths::join(&root, u).unwrap_or_else(|_| root.clone())
-            };
-            if !u.is_empty()
-                && std::fs::symlink_metadata(&base)
-                    .map(|m| !m.is_dir())
-                    .unwrap_or(true)
-            {
+            let base = if u.is_empty() { root.clone() } else { paths::join(&root, u).unwrap_or_else(|_| root.clone()) };
+            if !u.is_empty() && std::fs::symlink_metadata(&base).map(|m| !m.is_dir()).unwrap_or(true) {
                 continue;
             }
-            index::walk(
-                &base,
-                u,
-                &mut keep,
-                WalkOptions {
-                    clean_stale_temps: true,
-                },
-                &mut found,
-                &mut skipped,
-            );
+            index::walk(&base, u, &mut keep, WalkOptions { clean_stale_temps: true }, &mut found, &mut skipped);
         }
-        index::hash_all(found, &mut skipped)
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect::<Vec<_>>()
+        index::hash_all(found, &mut skipped).into_iter().map(|(_, e)| e).collect::<Vec<_>>()
     })
     .await
     .unwrap_or_default();
@@ -396,19 +324,11 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<Strin
         size += e.path.len() + 80;
         part.push(e);
         if size > 256 << 10 {
-            let _ = out.control(Control::IndexPart {
-                id,
-                entries: std::mem::take(&mut part),
-                done: false,
-            });
+            let _ = out.control(Control::IndexPart { id, entries: std::mem::take(&mut part), done: false });
             size = 0;
         }
     }
-    let _ = out.control(Control::IndexPart {
-        id,
-        entries: part,
-        done: true,
-    });
+    let _ = out.control(Control::IndexPart { id, entries: part, done: true });
 }
 
 struct PostSync {

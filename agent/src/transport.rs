@@ -42,23 +42,14 @@ impl Heartbeat {
     /// 1 s pings, dead after 5 s of silence; `DEVLOOP_HEARTBEAT_MS` sets the
     /// interval (the timeout stays 5 intervals), for tests and slow links.
     pub fn from_env() -> Heartbeat {
-        let ms = std::env::var("DEVLOOP_HEARTBEAT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000u64)
-            .max(10);
-        Heartbeat {
-            interval: Duration::from_millis(ms),
-            dead_after: Duration::from_millis(ms * 5),
-        }
+        let ms = std::env::var("DEVLOOP_HEARTBEAT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000u64).max(10);
+        Heartbeat { interval: Duration::from_millis(ms), dead_after: Duration::from_millis(ms * 5) }
     }
 }
 
 /// WebSocket limits both sides use.
 pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+    WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE))
 }
 
 /// Why the CLI could not open a session with an agent.
@@ -76,20 +67,14 @@ pub enum ConnectError {
 
 /// Opens a session as the client (the CLI side).
 /// Returns the socket and the agent's version.
-pub async fn connect<S>(
-    stream: S,
-    token: &str,
-) -> Result<(WebSocketStream<S>, String), ConnectError>
+pub async fn connect<S>(stream: S, token: &str) -> Result<(WebSocketStream<S>, String), ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // Parsing a constant URL cannot fail.
-    let mut req = "ws://devloop-agent/"
-        .into_client_request()
-        .expect("static url");
+    let mut req = "ws://devloop-agent/".into_client_request().expect("static url");
     let h = req.headers_mut();
-    let bearer =
-        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ConnectError::BadToken)?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ConnectError::BadToken)?;
     h.insert("authorization", bearer);
     h.insert(
         "sec-websocket-protocol",
@@ -107,11 +92,8 @@ where
         }
         Err(tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
-            let message = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                .unwrap_or_default();
+            let message =
+                resp.body().as_ref().map(|b| String::from_utf8_lossy(b).trim().to_string()).unwrap_or_default();
             Err(match status {
                 401 => ConnectError::BadToken,
                 426 => ConnectError::Version(message),
@@ -124,11 +106,7 @@ where
 
 /// Accepts a session as the agent. Refuses, with an HTTP error the client
 /// shows to its user, a wrong token or protocol version.
-pub async fn accept<S>(
-    stream: S,
-    token: &str,
-    agent_version: &str,
-) -> Result<WebSocketStream<S>, tungstenite::Error>
+pub async fn accept<S>(stream: S, token: &str, agent_version: &str) -> Result<WebSocketStream<S>, tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -142,17 +120,10 @@ where
             *r.status_mut() = status;
             r
         };
-        let given = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
         let given = given.strip_prefix("Bearer ").unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return Err(reject(
-                StatusCode::UNAUTHORIZED,
-                "wrong or missing session token".into(),
-            ));
+            return Err(reject(StatusCode::UNAUTHORIZED, "wrong or missing session token".into()));
         }
         let offered: Vec<&str> = req
             .headers()
@@ -177,10 +148,7 @@ where
             return Err(reject(StatusCode::UPGRADE_REQUIRED, msg));
         }
         let h = resp.headers_mut();
-        h.insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_str(&ours).expect("ascii"),
-        );
+        h.insert("sec-websocket-protocol", HeaderValue::from_str(&ours).expect("ascii"));
         if let Ok(v) = HeaderValue::from_str(agent_version) {
             h.insert(protocol::AGENT_VERSION_HEADER, v);
         }
@@ -235,15 +203,8 @@ impl std::fmt::Display for End {
                 write!(f, "closed by peer (code {code})")
             }
             End::Closed { code, reason } => write!(f, "closed by peer (code {code}): {reason}"),
-            End::Eof => write!(
-                f,
-                "connection ended without a close frame (peer exited or was killed)"
-            ),
-            End::Dead(d) => write!(
-                f,
-                "no heartbeat for {:.1}s: peer is gone or stuck",
-                d.as_secs_f64()
-            ),
+            End::Eof => write!(f, "connection ended without a close frame (peer exited or was killed)"),
+            End::Dead(d) => write!(f, "no heartbeat for {:.1}s: peer is gone or stuck", d.as_secs_f64()),
             End::Protocol(m) => write!(f, "protocol error: {m}"),
             End::Io(m) => write!(f, "connection failed: {m}"),
         }
@@ -284,11 +245,7 @@ impl Outbound {
     pub fn control_with_stream(&self, c: Control, stream: u32, bytes: &[u8]) -> Result<(), Closed> {
         debug_assert!(bytes.len() <= STREAM_WINDOW as usize);
         let mut g = vec![Frame::Control(c).encode()];
-        g.extend(
-            bytes
-                .chunks(CHUNK_SIZE)
-                .map(|c| protocol::encode_data(stream, c)),
-        );
+        g.extend(bytes.chunks(CHUNK_SIZE).map(|c| protocol::encode_data(stream, c)));
         g.push(protocol::encode_data(stream, &[]));
         self.ctl.send(Out::Group(g)).map_err(|_| Closed)
     }
@@ -299,10 +256,7 @@ impl Outbound {
     }
 
     async fn raw_data(&self, stream: u32, bytes: &[u8]) -> Result<(), Closed> {
-        self.data
-            .send(protocol::encode_data(stream, bytes))
-            .await
-            .map_err(|_| Closed)
+        self.data.send(protocol::encode_data(stream, bytes)).await.map_err(|_| Closed)
     }
 }
 
@@ -327,10 +281,7 @@ where
     // enough that a control message never queues behind much data.
     let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(4);
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(256);
-    let out = Outbound {
-        ctl: ctl_tx,
-        data: data_tx,
-    };
+    let out = Outbound { ctl: ctl_tx, data: data_tx };
 
     // Writer: control first, then data; pings on a timer.
     tokio::spawn(async move {
@@ -370,10 +321,7 @@ where
                 if n == 32 {
                     break;
                 }
-                item = ctl_rx
-                    .try_recv()
-                    .ok()
-                    .or_else(|| data_rx.try_recv().ok().map(Out::Data));
+                item = ctl_rx.try_recv().ok().or_else(|| data_rx.try_recv().ok().map(Out::Data));
             }
             if sink.flush().await.is_err() {
                 break;
@@ -389,10 +337,7 @@ where
             let next = match tokio::time::timeout(hb.dead_after, stream.next()).await {
                 Err(_) => {
                     let end = End::Dead(hb.dead_after);
-                    closer.close(
-                        close_code::SHUTDOWN,
-                        end.to_string().chars().take(120).collect::<String>(),
-                    );
+                    closer.close(close_code::SHUTDOWN, end.to_string().chars().take(120).collect::<String>());
                     break end;
                 }
                 Ok(None) => break End::Eof,
@@ -416,14 +361,8 @@ where
                 }
                 Message::Close(f) => {
                     break match f {
-                        Some(f) => End::Closed {
-                            code: f.code.into(),
-                            reason: f.reason.to_string(),
-                        },
-                        None => End::Closed {
-                            code: close_code::NORMAL,
-                            reason: String::new(),
-                        },
+                        Some(f) => End::Closed { code: f.code.into(), reason: f.reason.to_string() },
+                        None => End::Closed { code: close_code::NORMAL, reason: String::new() },
                     }
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
@@ -445,10 +384,7 @@ fn to_messages(o: Out) -> Result<Vec<Message>, CloseFrame> {
         Out::Group(g) => Ok(g.into_iter().map(|m| Message::Binary(m.into())).collect()),
         Out::Data(d) => Ok(vec![Message::Binary(d.into())]),
         Out::Ping => Ok(vec![Message::Ping(Vec::new().into())]),
-        Out::Close(code, reason) => Err(CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        }),
+        Out::Close(code, reason) => Err(CloseFrame { code: CloseCode::from(code), reason: reason.into() }),
     }
 }
 
@@ -534,22 +470,14 @@ pub struct StreamSender {
 impl StreamSender {
     /// A sender with a full window; register it with [`Credits`].
     pub fn new(stream: u32, out: Outbound) -> StreamSender {
-        StreamSender {
-            stream,
-            out,
-            credit: Arc::new(Semaphore::new(STREAM_WINDOW as usize)),
-        }
+        StreamSender { stream, out, credit: Arc::new(Semaphore::new(STREAM_WINDOW as usize)) }
     }
 
     /// Sends bytes, cut into chunks, waiting for credit as needed.
     pub async fn send(&self, mut bytes: &[u8]) -> Result<(), Closed> {
         while !bytes.is_empty() {
             let n = bytes.len().min(CHUNK_SIZE);
-            self.credit
-                .acquire_many(n as u32)
-                .await
-                .map_err(|_| Closed)?
-                .forget();
+            self.credit.acquire_many(n as u32).await.map_err(|_| Closed)?.forget();
             self.out.raw_data(self.stream, &bytes[..n]).await?;
             bytes = &bytes[n..];
         }
@@ -564,11 +492,7 @@ impl StreamSender {
     /// A `std::io::Write` for blocking threads (e.g. a tar builder); needs
     /// the runtime handle to wait for credit.
     pub fn blocking_writer(self, rt: tokio::runtime::Handle) -> BlockingStreamWriter {
-        BlockingStreamWriter {
-            inner: Some(self),
-            rt,
-            buf: Vec::with_capacity(CHUNK_SIZE),
-        }
+        BlockingStreamWriter { inner: Some(self), rt, buf: Vec::with_capacity(CHUNK_SIZE) }
     }
 }
 
@@ -601,10 +525,7 @@ impl BlockingStreamWriter {
 }
 
 fn closed_io() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::BrokenPipe,
-        "connection to the agent closed",
-    )
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection to the agent closed")
 }
 
 impl std::io::Write for BlockingStreamWriter {
@@ -638,23 +559,9 @@ pub struct BlockingStreamReader {
 impl BlockingStreamReader {
     /// Returns the reader and the sender the session task feeds with the
     /// stream's chunks (an empty chunk marks the end).
-    pub fn new(
-        stream: u32,
-        out: Outbound,
-    ) -> (BlockingStreamReader, mpsc::UnboundedSender<Vec<u8>>) {
+    pub fn new(stream: u32, out: Outbound) -> (BlockingStreamReader, mpsc::UnboundedSender<Vec<u8>>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (
-            BlockingStreamReader {
-                stream,
-                rx,
-                out,
-                cur: Vec::new(),
-                pos: 0,
-                unacked: 0,
-                done: false,
-            },
-            tx,
-        )
+        (BlockingStreamReader { stream, rx, out, cur: Vec::new(), pos: 0, unacked: 0, done: false }, tx)
     }
 
     /// Reads and discards the rest of the stream (so credit keeps flowing
@@ -682,10 +589,7 @@ impl std::io::Read for BlockingStreamReader {
                     // so the sender rarely waits.
                     self.unacked += c.len() as u32;
                     if self.unacked >= STREAM_WINDOW / 4 {
-                        let _ = self.out.control(Control::Credit {
-                            stream: self.stream,
-                            bytes: self.unacked,
-                        });
+                        let _ = self.out.control(Control::Credit { stream: self.stream, bytes: self.unacked });
                         self.unacked = 0;
                     }
                     self.cur = c;

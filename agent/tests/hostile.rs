@@ -50,23 +50,12 @@ fn start_agent(heartbeat_ms: Option<u64>) -> Agent {
     }
     let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     // "devloop-agent X protocol N listening on 127.0.0.1:PORT root DIR"
-    let addr = line
-        .split_whitespace()
-        .skip_while(|w| *w != "on")
-        .nth(1)
-        .unwrap_or_else(|| panic!("readiness line: {line}"));
+    let addr =
+        line.split_whitespace().skip_while(|w| *w != "on").nth(1).unwrap_or_else(|| panic!("readiness line: {line}"));
     let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-    Agent {
-        child,
-        port,
-        _dir: dir,
-        root,
-        outside,
-    }
+    Agent { child, port, _dir: dir, root, outside }
 }
 
 async fn session(a: &Agent) -> (transport::Outbound, tokio::sync::mpsc::Receiver<Incoming>) {
@@ -82,10 +71,7 @@ async fn session(a: &Agent) -> (transport::Outbound, tokio::sync::mpsc::Receiver
 
 async fn next_control(rx: &mut tokio::sync::mpsc::Receiver<Incoming>) -> Control {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("agent answers in time")
-        {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("agent answers in time") {
             Some(Incoming::Control(Control::Credit { .. })) => continue,
             Some(Incoming::Control(c)) => return c,
             other => panic!("expected a control message, got {other:?}"),
@@ -95,24 +81,12 @@ async fn next_control(rx: &mut tokio::sync::mpsc::Receiver<Incoming>) -> Control
 
 /// A raw tar entry with any path bytes (tar::Builder refuses hostile paths,
 /// which is exactly what this client must be able to send).
-fn raw_entry(
-    out: &mut Vec<u8>,
-    path: &[u8],
-    kind: tar::EntryType,
-    data: &[u8],
-    link: Option<&[u8]>,
-) {
+fn raw_entry(out: &mut Vec<u8>, path: &[u8], kind: tar::EntryType, data: &[u8], link: Option<&[u8]>) {
     if path.len() >= 100 {
         // GNU long name: a 'L' entry whose data is the name.
         let mut name = path.to_vec();
         name.push(0);
-        raw_entry(
-            out,
-            b"././@LongLink",
-            tar::EntryType::GNULongName,
-            &name,
-            None,
-        );
+        raw_entry(out, b"././@LongLink", tar::EntryType::GNULongName, &name, None);
     }
     let mut h = tar::Header::new_gnu();
     {
@@ -142,14 +116,7 @@ async fn send_batch(
 ) -> Control {
     let mut credits = transport::Credits::default();
     let stream = archive.as_ref().map(|_| id as u32);
-    out.control(Control::Batch {
-        id,
-        deletes,
-        stream,
-        commands: vec![],
-        restart: false,
-    })
-    .unwrap();
+    out.control(Control::Batch { id, deletes, stream, commands: vec![], restart: false }).unwrap();
     if let Some(a) = archive {
         let s = credits.open(id as u32, out.clone());
         s.send(&a).await.unwrap();
@@ -159,30 +126,14 @@ async fn send_batch(
 }
 
 fn assert_outside_untouched(a: &Agent) {
-    let names: Vec<_> = std::fs::read_dir(&a.outside)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        names,
-        vec![std::ffi::OsString::from("victim")],
-        "nothing new outside the root"
-    );
-    assert_eq!(
-        std::fs::read_to_string(a.outside.join("victim")).unwrap(),
-        "untouched"
-    );
+    let names: Vec<_> = std::fs::read_dir(&a.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("victim")], "nothing new outside the root");
+    assert_eq!(std::fs::read_to_string(a.outside.join("victim")).unwrap(), "untouched");
     let parent = a.root.parent().unwrap();
-    let mut top: Vec<_> = std::fs::read_dir(parent)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut top: Vec<_> =
+        std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     top.sort();
-    assert_eq!(
-        top,
-        vec!["outside", "root"],
-        "nothing written beside the root"
-    );
+    assert_eq!(top, vec!["outside", "root"], "nothing written beside the root");
 }
 
 #[tokio::test]
@@ -217,48 +168,26 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
         raw_entry(&mut ar, p, *k, d, *l);
     }
     ar.extend_from_slice(&[0u8; 1024]);
-    let deletes = vec![
-        "../outside/victim".into(),
-        "evil/victim".into(),
-        "/etc/hostname".into(),
-    ];
+    let deletes = vec!["../outside/victim".into(), "evil/victim".into(), "/etc/hostname".into()];
     let reply = send_batch(&out, &mut rx, 2, deletes, Some(ar)).await;
-    let Control::Applied {
-        written, errors, ..
-    } = reply
-    else {
-        panic!("expected applied, got {reply:?}")
-    };
+    let Control::Applied { written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
     // Only good.txt landed.
     assert_eq!(written, 1, "errors: {errors:#?}");
-    assert_eq!(
-        std::fs::read_to_string(a.root.join("good.txt")).unwrap(),
-        "fine"
-    );
+    assert_eq!(std::fs::read_to_string(a.root.join("good.txt")).unwrap(), "fine");
     // Every hostile entry and deletion is reported by path.
     assert_eq!(errors.len(), hostile.len() - 1 + 3, "errors: {errors:#?}");
     for e in &errors {
         assert!(!e.message.is_empty());
     }
-    assert!(errors
-        .iter()
-        .any(|e| e.path == "evil/pwned" && e.message.contains("symlink")));
-    assert!(errors
-        .iter()
-        .any(|e| e.path == "hard" && e.message.contains("hard link")));
+    assert!(errors.iter().any(|e| e.path == "evil/pwned" && e.message.contains("symlink")));
+    assert!(errors.iter().any(|e| e.path == "hard" && e.message.contains("hard link")));
     assert_outside_untouched(&a);
     assert!(!Path::new("/tmp/devloop-abs-escape").exists());
     // Deleting the link itself is allowed: it removes the link, never its
     // target.
     let reply = send_batch(&out, &mut rx, 3, vec!["evil".into()], None).await;
-    assert!(
-        matches!(reply, Control::Applied { deleted: 1, .. }),
-        "{reply:?}"
-    );
-    assert!(
-        std::fs::symlink_metadata(a.root.join("evil")).is_err(),
-        "the link is gone"
-    );
+    assert!(matches!(reply, Control::Applied { deleted: 1, .. }), "{reply:?}");
+    assert!(std::fs::symlink_metadata(a.root.join("evil")).is_err(), "the link is gone");
     assert_outside_untouched(&a);
     out.close(1000, "");
 }
@@ -283,10 +212,8 @@ async fn wrong_protocol_version_gets_a_message_naming_both_versions() {
     let a = start_agent(None);
     let tcp = TcpStream::connect(("127.0.0.1", a.port)).await.unwrap();
     let mut req = "ws://x/".into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "devloop.v999".parse().unwrap());
+    req.headers_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", "devloop.v999".parse().unwrap());
     match tokio_tungstenite::client_async(req, tcp).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 426);
@@ -304,27 +231,17 @@ async fn raw_ws(a: &Agent) -> tokio_tungstenite::WebSocketStream<TcpStream> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let tcp = TcpStream::connect(("127.0.0.1", a.port)).await.unwrap();
     let mut req = "ws://x/".into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "devloop.v1".parse().unwrap());
+    req.headers_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", "devloop.v1".parse().unwrap());
     // Allow sending messages larger than the agent accepts.
-    let cfg = transport::ws_config()
-        .max_message_size(None)
-        .max_frame_size(None);
-    tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg))
-        .await
-        .unwrap()
-        .0
+    let cfg = transport::ws_config().max_message_size(None).max_frame_size(None);
+    tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg)).await.unwrap().0
 }
 
 /// Reads until the agent closes; returns the close code and reason.
 async fn close_of(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> (u16, String) {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("agent closes in time")
-        {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("agent closes in time") {
             Some(Ok(Message::Close(Some(f)))) => return (f.code.into(), f.reason.to_string()),
             Some(Ok(Message::Close(None))) | None => return (0, String::new()),
             Some(Ok(_)) => continue,
@@ -338,26 +255,19 @@ async fn close_of(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> (u1
 async fn raw_close(mut tcp: TcpStream) -> (u16, String) {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf))
-        .await
-        .expect("agent closes in time");
+    let _ =
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await.expect("agent closes in time");
     let mut i = 0;
     while i + 2 <= buf.len() {
         let op = buf[i] & 0x0f;
         let (len, hdr) = match buf[i + 1] & 0x7f {
             126 => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4),
-            127 => (
-                u64::from_be_bytes(buf[i + 2..i + 10].try_into().unwrap()) as usize,
-                10,
-            ),
+            127 => (u64::from_be_bytes(buf[i + 2..i + 10].try_into().unwrap()) as usize, 10),
             n => (n as usize, 2),
         };
         let payload = &buf[i + hdr..(i + hdr + len).min(buf.len())];
         if op == 0x8 && payload.len() >= 2 {
-            return (
-                u16::from_be_bytes([payload[0], payload[1]]),
-                String::from_utf8_lossy(&payload[2..]).into_owned(),
-            );
+            return (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned());
         }
         i += hdr + len;
     }
@@ -369,9 +279,7 @@ async fn garbage_oversized_and_truncated_frames_close_only_that_session() {
     let a = start_agent(None);
 
     let mut ws = raw_ws(&a).await;
-    ws.send(Message::Binary(vec![0x09, 1, 2, 3].into()))
-        .await
-        .unwrap();
+    ws.send(Message::Binary(vec![0x09, 1, 2, 3].into())).await.unwrap();
     let (code, reason) = close_of(&mut ws).await;
     assert_eq!(code, 1002);
     assert!(reason.contains("unknown frame tag"), "reason: {reason}");
@@ -381,9 +289,7 @@ async fn garbage_oversized_and_truncated_frames_close_only_that_session() {
         use tokio::io::AsyncWriteExt;
         let mut tcp = raw_ws(&a).await.into_inner();
         let mut hdr = vec![0x82, 0x80 | 127];
-        hdr.extend_from_slice(
-            &((devloop_agent::protocol::MAX_MESSAGE + 1024) as u64).to_be_bytes(),
-        );
+        hdr.extend_from_slice(&((devloop_agent::protocol::MAX_MESSAGE + 1024) as u64).to_be_bytes());
         hdr.extend_from_slice(&[1, 2, 3, 4]);
         tcp.write_all(&hdr).await.unwrap();
         let (code, reason) = raw_close(tcp).await;
@@ -393,14 +299,9 @@ async fn garbage_oversized_and_truncated_frames_close_only_that_session() {
 
     let mut ws = raw_ws(&a).await;
     ws.send(Message::Binary(
-        Frame::Control(Control::Hello {
-            agent_version: "x".into(),
-            protocol: 1,
-            root: "/".into(),
-            pid: 1,
-        })
-        .encode()
-        .into(),
+        Frame::Control(Control::Hello { agent_version: "x".into(), protocol: 1, root: "/".into(), pid: 1 })
+            .encode()
+            .into(),
     ))
     .await
     .unwrap();
@@ -423,14 +324,8 @@ async fn garbage_oversized_and_truncated_frames_close_only_that_session() {
     raw_entry(&mut ar, b"after.txt", tar::EntryType::Regular, b"ok", None);
     ar.extend_from_slice(&[0u8; 1024]);
     let reply = send_batch(&out, &mut rx, 2, vec![], Some(ar)).await;
-    assert!(
-        matches!(reply, Control::Applied { written: 1, .. }),
-        "{reply:?}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(a.root.join("after.txt")).unwrap(),
-        "ok"
-    );
+    assert!(matches!(reply, Control::Applied { written: 1, .. }), "{reply:?}");
+    assert_eq!(std::fs::read_to_string(a.root.join("after.txt")).unwrap(), "ok");
     assert_outside_untouched(&a);
 }
 
@@ -443,11 +338,7 @@ async fn a_silent_peer_is_dropped_within_the_heartbeat_timeout() {
     // peer: it never answers the agent's pings).
     let t0 = std::time::Instant::now();
     let (code, reason) = raw_close(tcp).await;
-    assert!(
-        t0.elapsed() < Duration::from_secs(3),
-        "noticed in {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "noticed in {:?}", t0.elapsed());
     assert_eq!(code, 1001, "reason: {reason}");
     assert!(reason.contains("no heartbeat"), "reason: {reason}");
     // The agent still serves others.

@@ -21,10 +21,7 @@ pub fn agent_binary() -> Result<PathBuf, TargetError> {
         }
         looked.push(format!("{AGENT_BIN_ENV}={}", p.display()));
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         // Test binaries live one level down, in target/<profile>/deps.
         for d in [dir.clone(), dir.join("..")] {
             let p = d.join("devloop-agent");
@@ -43,9 +40,7 @@ pub fn agent_binary() -> Result<PathBuf, TargetError> {
         }
         looked.push("PATH".into());
     }
-    Err(TargetError::AgentNotFound {
-        looked: looked.join(", "),
-    })
+    Err(TargetError::AgentNotFound { looked: looked.join(", ") })
 }
 
 /// The command that runs the agent over stdio, syncing into `root`.

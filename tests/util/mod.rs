@@ -77,35 +77,25 @@ impl Project {
         let out = self.cmd(&["sync", "--once"]).output().unwrap();
         (
             out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
         )
     }
 
     /// Starts `devloop --json watch` and waits until it is watching.
     pub fn watch(&self) -> Watching {
-        let mut child = self
-            .cmd(&["--json", "watch"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = self.cmd(&["--json", "watch"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("not NDJSON: {line}: {e}"));
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not NDJSON: {line}: {e}"));
                 if tx.send(v).is_err() {
                     break;
                 }
             }
         });
-        let mut w = Watching {
-            child,
-            rx,
-            seen: Vec::new(),
-        };
+        let mut w = Watching { child, rx, seen: Vec::new() };
         w.wait_event("watching", Duration::from_secs(20));
         w
     }
@@ -131,10 +121,7 @@ impl Watching {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(v) => self.seen.push(v),
-                Err(_) => panic!(
-                    "no `{kind}` event within {timeout:?}; saw:\n{}",
-                    self.dump()
-                ),
+                Err(_) => panic!("no `{kind}` event within {timeout:?}; saw:\n{}", self.dump()),
             }
         }
     }
@@ -150,9 +137,7 @@ impl Watching {
 
     /// The pid of the agent of the first session.
     pub fn agent_pid(&mut self) -> i32 {
-        self.wait_first("agent_connected", Duration::from_secs(20))["pid"]
-            .as_u64()
-            .unwrap() as i32
+        self.wait_first("agent_connected", Duration::from_secs(20))["pid"].as_u64().unwrap() as i32
     }
 
     /// Takes whatever events are already waiting.
@@ -168,11 +153,7 @@ impl Watching {
     }
 
     pub fn dump(&self) -> String {
-        self.seen
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.seen.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
     }
 
     /// SIGINT, like Ctrl-C; returns the exit code.
@@ -183,10 +164,7 @@ impl Watching {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s.code().unwrap_or(-1);
             }
-            assert!(
-                Instant::now() < deadline,
-                "devloop did not exit after SIGINT"
-            );
+            assert!(Instant::now() < deadline, "devloop did not exit after SIGINT");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -239,10 +217,7 @@ pub fn snapshot(root: &Path, skip: &dyn Fn(&str) -> bool) -> Snapshot {
 
 /// Paths the default project excludes.
 pub fn excluded(rel: &str) -> bool {
-    rel.ends_with(".tmp")
-        || rel == "node_modules"
-        || rel.starts_with("node_modules/")
-        || rel.contains("/node_modules")
+    rel.ends_with(".tmp") || rel == "node_modules" || rel.starts_with("node_modules/") || rel.contains("/node_modules")
 }
 
 /// Waits until the target equals the source (minus excludes); panics with
@@ -256,11 +231,7 @@ pub fn wait_converged(p: &Project, w: Option<&mut Watching>, timeout: Duration) 
             return;
         }
         if Instant::now() > deadline {
-            let only_src: Vec<_> = a
-                .keys()
-                .filter(|k| b.get(*k) != a.get(*k))
-                .take(10)
-                .collect();
+            let only_src: Vec<_> = a.keys().filter(|k| b.get(*k) != a.get(*k)).take(10).collect();
             let only_out: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).take(10).collect();
             panic!(
                 "target did not converge in {timeout:?}\n differing/missing in target: {only_src:?}\n extra in target: {only_out:?}\n events:\n{}",
@@ -281,15 +252,8 @@ pub fn fingerprint(root: &Path) -> BTreeMap<String, (Vec<u8>, std::time::SystemT
     for (k, _) in snapshot(root, &|_| false) {
         let p = root.join(&k);
         let md = std::fs::symlink_metadata(&p).unwrap();
-        let content = if md.is_file() {
-            std::fs::read(&p).unwrap()
-        } else {
-            vec![]
-        };
-        out.insert(
-            k,
-            (content, md.modified().unwrap(), md.permissions().mode()),
-        );
+        let content = if md.is_file() { std::fs::read(&p).unwrap() } else { vec![] };
+        out.insert(k, (content, md.modified().unwrap(), md.permissions().mode()));
     }
     out
 }
