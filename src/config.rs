@@ -86,6 +86,28 @@ struct RawTargetMap {
     local: Option<RawLocal>,
     #[serde(default)]
     exec: Option<RawExec>,
+    #[serde(default)]
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    selector: Option<String>,
+    #[serde(default)]
+    deployment: Option<String>,
+    #[serde(default)]
+    statefulset: Option<String>,
+    #[serde(default)]
+    pod: Option<String>,
+    #[serde(default)]
+    container: Option<String>,
+    #[serde(default)]
+    context: Option<String>,
+    root: String,
 }
 
 /// `target: local` or `target: {local: {...}}` / `{exec: {...}}`.
@@ -98,13 +120,16 @@ impl<'de> Deserialize<'de> for RawTarget {
         impl<'de> Visitor<'de> for V {
             type Value = RawTarget;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`local`, or a map with one of `local` or `exec`")
+                f.write_str("`local`, or a map with one of `local`, `exec` or `kubernetes`")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<RawTarget, E> {
                 match s {
-                    "local" => Ok(RawTarget(RawTargetMap { local: Some(RawLocal::default()), exec: None })),
+                    "local" => Ok(RawTarget(RawTargetMap { local: Some(RawLocal::default()), ..Default::default() })),
                     "exec" => Err(E::custom("the exec target needs a command: write `exec: {command: [...]}`")),
-                    other => Err(E::unknown_variant(other, &["local", "exec"])),
+                    "kubernetes" => Err(E::custom(
+                        "the kubernetes target needs its pods and a root: write `kubernetes: {deployment: NAME, root: /app}`",
+                    )),
+                    other => Err(E::unknown_variant(other, &["local", "exec", "kubernetes"])),
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<RawTarget, A::Error> {
@@ -255,6 +280,43 @@ pub enum Target {
     Local { root: PathBuf },
     /// Whatever `command` starts; its stdio is the agent's.
     Exec { command: Vec<String>, token: TokenVia },
+    /// Every ready pod that `pods` finds; the agent is injected into
+    /// `container` (default: the first) and syncs into `root`.
+    Kubernetes(KubeTarget),
+}
+
+/// Where a service runs in a cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeTarget {
+    /// None: the kubeconfig context's namespace.
+    pub namespace: Option<String>,
+    pub pods: PodSelector,
+    pub container: Option<String>,
+    /// None: the kubeconfig's current context.
+    pub context: Option<String>,
+    /// Absolute path in the container.
+    pub root: String,
+}
+
+/// How a service's pods are found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodSelector {
+    /// A label selector, `app=web,tier=front`.
+    Labels(String),
+    Deployment(String),
+    StatefulSet(String),
+    Pod(String),
+}
+
+impl std::fmt::Display for PodSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodSelector::Labels(l) => write!(f, "pods matching {l}"),
+            PodSelector::Deployment(d) => write!(f, "deployment/{d}"),
+            PodSelector::StatefulSet(s) => write!(f, "statefulset/{s}"),
+            PodSelector::Pod(p) => write!(f, "pod/{p}"),
+        }
+    }
 }
 
 impl Target {
@@ -263,6 +325,9 @@ impl Target {
             Target::Local { root } => format!("local:{}", root.display()),
             Target::Exec { command, .. } => {
                 format!("exec:{}", command.first().map(String::as_str).unwrap_or(""))
+            }
+            Target::Kubernetes(k) => {
+                format!("kubernetes:{}:{}", k.namespace.as_deref().unwrap_or("(default namespace)"), k.pods)
             }
         }
     }
@@ -411,8 +476,50 @@ impl Validator<'_> {
             return Err(e(&[], format!("service name `{name}` may only use letters, digits, `-` and `_`"), None));
         }
         let target = match rs.target.map(|t| t.0).unwrap_or_default() {
-            RawTargetMap { local: Some(_), exec: Some(_) } => {
-                return Err(e(&["target"], "give one target, not both `local` and `exec`".into(), None))
+            RawTargetMap { local, exec, kubernetes }
+                if [local.is_some(), exec.is_some(), kubernetes.is_some()].iter().filter(|x| **x).count() > 1 =>
+            {
+                return Err(e(&["target"], "give one target: `local`, `exec` or `kubernetes`".into(), None))
+            }
+            RawTargetMap { kubernetes: Some(k), .. } => {
+                let found: Vec<PodSelector> = [
+                    k.selector.map(PodSelector::Labels),
+                    k.deployment.map(PodSelector::Deployment),
+                    k.statefulset.map(PodSelector::StatefulSet),
+                    k.pod.map(PodSelector::Pod),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let pods = match found.len() {
+                    1 => found.into_iter().next().expect("one"),
+                    0 => return Err(e(
+                        &["target", "kubernetes"],
+                        "no pods to sync into".into(),
+                        Some("add one of `deployment: NAME`, `statefulset: NAME`, `selector: app=NAME` or `pod: NAME`"),
+                    )),
+                    _ => {
+                        return Err(e(
+                            &["target", "kubernetes"],
+                            "give only one of `selector`, `deployment`, `statefulset` and `pod`".into(),
+                            None,
+                        ))
+                    }
+                };
+                if !k.root.starts_with('/') || k.root.split('/').any(|c| c == "..") {
+                    return Err(e(
+                        &["target", "kubernetes", "root"],
+                        format!("`{}` is not an absolute path in the container", k.root),
+                        Some("write the directory the app reads, e.g. `root: /app`"),
+                    ));
+                }
+                Target::Kubernetes(KubeTarget {
+                    namespace: k.namespace,
+                    pods,
+                    container: k.container,
+                    context: k.context,
+                    root: k.root,
+                })
             }
             RawTargetMap { exec: Some(x), .. } => {
                 if x.command.is_empty() {

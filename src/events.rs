@@ -127,6 +127,12 @@ impl Reporter {
         Reporter { service: service.to_string(), tx }
     }
 
+    /// A reporter for one part of this service (a pod), named
+    /// `service/part` in events.
+    pub fn for_part(&self, part: &str) -> Reporter {
+        Reporter { service: format!("{}/{part}", self.service), tx: self.tx.clone() }
+    }
+
     pub fn send(&self, kind: Kind) {
         let _ = self.tx.send(Event { ts: now_ms(), service: self.service.clone(), kind });
     }

@@ -2,12 +2,15 @@
 //! then follow changes; when the session is lost (agent killed, pod
 //! restarted, link dropped), start again with backoff and resync by content.
 
-use crate::config::Service;
+use crate::config::{KubeTarget, Service, Target};
 use crate::events::{Kind, Reporter};
 use crate::link::{Link, LinkError};
 use crate::sync::{Engine, LiveEnd};
-use crate::target::{self, TargetError};
+use crate::target::kubernetes::{self, KubeError};
+use crate::target::{self, Endpoint, TargetError};
 use crate::watch::Watch;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -49,7 +52,144 @@ pub fn new_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub async fn run(svc: Service, mode: Mode, rep: Reporter, mut shutdown: watch::Receiver<bool>) -> Outcome {
+/// Runs a service: one session for a local or exec target, one per ready
+/// pod for a Kubernetes target.
+pub async fn run(svc: Service, mode: Mode, rep: Reporter, shutdown: watch::Receiver<bool>) -> Outcome {
+    match (&svc.target, Endpoint::of(&svc.target)) {
+        (_, Some(ep)) => run_endpoint(svc, ep, mode, rep, shutdown).await,
+        (Target::Kubernetes(k), None) => {
+            let k = k.clone();
+            follow_pods(svc, k, mode, rep, shutdown).await
+        }
+        (_, None) => Outcome::Unreachable,
+    }
+}
+
+/// How often the pods of a Kubernetes target are listed again.
+const POD_POLL: Duration = Duration::from_secs(2);
+
+/// Keeps one session per ready pod: new pods (a rollout, a scale-up, a
+/// replacement) get the agent and a sync by content; sessions of pods that
+/// went away are stopped.
+async fn follow_pods(
+    svc: Service,
+    k: KubeTarget,
+    mode: Mode,
+    rep: Reporter,
+    mut shutdown: watch::Receiver<bool>,
+) -> Outcome {
+    let fail = |e: kubernetes::KubeError| {
+        rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+        Outcome::Unreachable
+    };
+    let cluster = match kubernetes::connect(&k).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let agent = match kubernetes::agent_image() {
+        Ok(a) => Arc::new(a),
+        Err(e) => return fail(e),
+    };
+    let mut sessions: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<Outcome>)> = HashMap::new();
+    let mut waiting_said = false;
+    loop {
+        match kubernetes::ready_pods(&cluster, &k.pods).await {
+            Ok(pods) => {
+                if pods.is_empty() && !waiting_said {
+                    rep.send(Kind::Warning {
+                        message: format!(
+                            "no ready pods for {} in namespace {}; waiting for one",
+                            k.pods, cluster.namespace
+                        ),
+                    });
+                    waiting_said = true;
+                }
+                for pod in &pods {
+                    if sessions.contains_key(pod) {
+                        continue;
+                    }
+                    waiting_said = false;
+                    let ep = Endpoint::Pod(Arc::new(kubernetes::PodEndpoint {
+                        cluster: cluster.clone(),
+                        pod: pod.clone(),
+                        container: k.container.clone(),
+                        root: k.root.clone(),
+                        agent: agent.clone(),
+                    }));
+                    let (stop_tx, stop_rx) = watch::channel(false);
+                    let prep = rep.for_part(pod);
+                    sessions.insert(
+                        pod.clone(),
+                        (stop_tx, tokio::spawn(run_endpoint(svc.clone(), ep, mode, prep, stop_rx))),
+                    );
+                }
+                let gone: Vec<String> = sessions.keys().filter(|p| !pods.contains(p)).cloned().collect();
+                for pod in gone {
+                    if let Some((stop, task)) = sessions.remove(&pod) {
+                        rep.send(Kind::Warning {
+                            message: format!("pod {pod} is gone or not ready; stopped syncing it"),
+                        });
+                        let _ = stop.send(true);
+                        let _ = task.await;
+                    }
+                }
+            }
+            Err(e) if mode == Mode::Once => return fail(e),
+            Err(e) => {
+                rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+            }
+        }
+        if mode == Mode::Once {
+            if sessions.is_empty() {
+                rep.send(Kind::Error {
+                    message: format!("no ready pods for {} in namespace {}", k.pods, cluster.namespace),
+                    hint: Some("check that the workload is running (and ready), and the target's namespace".into()),
+                });
+                return Outcome::Unreachable;
+            }
+            let mut worst = Outcome::InSync;
+            for (_, (_, task)) in sessions.drain() {
+                let o = task.await.unwrap_or(Outcome::Unreachable);
+                worst = worse(worst, o);
+            }
+            return worst;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POD_POLL) => {}
+            _ = shutdown.changed() => {
+                for (_, (stop, _)) in sessions.iter() {
+                    let _ = stop.send(true);
+                }
+                for (_, (_, task)) in sessions.drain() {
+                    let _ = task.await;
+                }
+                return Outcome::Stopped;
+            }
+        }
+    }
+}
+
+fn worse(a: Outcome, b: Outcome) -> Outcome {
+    let rank = |o: &Outcome| match o {
+        Outcome::InSync | Outcome::Stopped => 0,
+        Outcome::PathErrors(_) => 1,
+        Outcome::Unreachable => 2,
+    };
+    if rank(&b) > rank(&a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// One session's life on one endpoint.
+async fn run_endpoint(
+    svc: Service,
+    endpoint: Endpoint,
+    mode: Mode,
+    rep: Reporter,
+    mut shutdown: watch::Receiver<bool>,
+) -> Outcome {
     let (watcher, mut changes) = match mode {
         Mode::Watch => match Watch::new() {
             Ok((w, rx)) => (Some(w), Some(rx)),
@@ -70,10 +210,17 @@ pub async fn run(svc: Service, mode: Mode, rep: Reporter, mut shutdown: watch::R
             return Outcome::Stopped;
         }
         let token = new_token();
-        let started = match target::start(&engine.service().target, &token, &rep).await {
+        let started = match target::start(&endpoint, &token, &rep).await {
             Ok(s) => s,
             Err(e) => {
-                let fatal = matches!(e, TargetError::AgentNotFound { .. });
+                let fatal = match &e {
+                    TargetError::AgentNotFound { .. } => true,
+                    TargetError::Kubernetes(k) => matches!(
+                        **k,
+                        KubeError::NoStaticAgent { .. } | KubeError::Arch { .. } | KubeError::NoContainer { .. }
+                    ),
+                    _ => false,
+                };
                 rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
                 if fatal || mode == Mode::Once {
                     return Outcome::Unreachable;

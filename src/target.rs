@@ -7,10 +7,10 @@
 //! - [`exec`]: any command whose stdio is the agent (`docker exec -i`,
 //!   `ssh`, `kubectl exec -i`).
 //!
-//! The Kubernetes target (port-forward or exec through the API server) adds
-//! a variant here.
+//! - [`kubernetes`]: a pod's container, through the API server's exec.
 
 pub mod exec;
+pub mod kubernetes;
 pub mod local;
 
 use crate::config::{Target, TokenVia};
@@ -41,6 +41,8 @@ pub enum TargetError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Kubernetes(Box<kubernetes::KubeError>),
 }
 
 impl TargetError {
@@ -56,6 +58,7 @@ impl TargetError {
                 Some("check that the command exists and is executable (target.exec.command)".into())
             }
             TargetError::Token { .. } => None,
+            TargetError::Kubernetes(k) => k.hint(),
         }
     }
 }
@@ -66,31 +69,88 @@ pub struct Started {
     pub process: Process,
 }
 
-/// The local process behind a connection (the agent itself, or the exec
-/// command). Stopped on shutdown; killed if it does not exit by itself.
+/// The process behind a connection: a local child (the agent itself, or
+/// the exec command), or an exec stream into a pod. Stopped on shutdown;
+/// killed if it does not end by itself.
 pub struct Process {
-    child: Child,
+    kind: ProcessKind,
+}
+
+enum ProcessKind {
+    Local(Child),
+    /// The exec stream, and the tasks forwarding its output.
+    Remote(kube::api::AttachedProcess, Vec<tokio::task::JoinHandle<()>>),
 }
 
 impl Process {
-    /// Waits for the process to exit after the session closed, then kills
-    /// it if it is still there.
-    pub async fn stop(mut self, grace: Duration) {
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
-            let _ = self.child.kill().await;
+    fn remote(p: kube::api::AttachedProcess, forwarders: Vec<tokio::task::JoinHandle<()>>) -> Process {
+        Process { kind: ProcessKind::Remote(p, forwarders) }
+    }
+
+    /// Waits for the process to end after the session closed, then kills
+    /// it (or drops the exec stream, which ends the agent) if it is still
+    /// there.
+    pub async fn stop(self, grace: Duration) {
+        match self.kind {
+            ProcessKind::Local(mut child) => {
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+            }
+            ProcessKind::Remote(mut p, forwarders) => {
+                // The agent exits once its session is closed, which ends the
+                // exec cleanly; only a stuck one is cut off.
+                if let Some(status) = p.take_status() {
+                    let _ = tokio::time::timeout(grace, status).await;
+                }
+                p.abort();
+                // After an abort the output streams never report their end.
+                for f in forwarders {
+                    f.abort();
+                }
+            }
         }
     }
 }
 
-/// Starts the agent for a target.
-pub async fn start(target: &Target, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
-    rep.send(Kind::AgentStarting { target: target.describe() });
-    match target {
-        Target::Local { root } => {
+/// What one session connects to.
+#[derive(Clone)]
+pub enum Endpoint {
+    Local { root: std::path::PathBuf },
+    Exec { command: Vec<String>, token: TokenVia },
+    Pod(std::sync::Arc<kubernetes::PodEndpoint>),
+}
+
+impl Endpoint {
+    /// The endpoint of a local or exec target (a Kubernetes target has one
+    /// per pod; see `session`).
+    pub fn of(target: &Target) -> Option<Endpoint> {
+        match target {
+            Target::Local { root } => Some(Endpoint::Local { root: root.clone() }),
+            Target::Exec { command, token } => Some(Endpoint::Exec { command: command.clone(), token: *token }),
+            Target::Kubernetes(_) => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Local { root } => Target::Local { root: root.clone() }.describe(),
+            Endpoint::Exec { command, token } => Target::Exec { command: command.clone(), token: *token }.describe(),
+            Endpoint::Pod(p) => p.describe(),
+        }
+    }
+}
+
+/// Starts the agent for an endpoint.
+pub async fn start(ep: &Endpoint, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
+    rep.send(Kind::AgentStarting { target: ep.describe() });
+    match ep {
+        Endpoint::Local { root } => {
             let cmd = local::command(root)?;
             spawn_stdio(cmd, token, TokenVia::Env, rep).await
         }
-        Target::Exec { command, token: via } => spawn_stdio(exec::command(command), token, *via, rep).await,
+        Endpoint::Exec { command, token: via } => spawn_stdio(exec::command(command), token, *via, rep).await,
+        Endpoint::Pod(p) => kubernetes::start(p, token, rep).await,
     }
 }
 
@@ -120,5 +180,5 @@ async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporte
             rep.send(Kind::AgentLog { line });
         }
     });
-    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { child } })
+    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { kind: ProcessKind::Local(child) } })
 }

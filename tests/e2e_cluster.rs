@@ -11,6 +11,8 @@
 //! target needs: a Deployment comes up; exec with framed stdin; port-forward;
 //! log streaming; a Service routing through kube-proxy from another pod.
 
+mod util;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, PostParams};
@@ -82,11 +84,15 @@ impl Drop for TestNamespace {
 }
 
 fn deployment(name: &str, image: &str, script: &str) -> Deployment {
+    deployment_n(name, image, script, 1)
+}
+
+fn deployment_n(name: &str, image: &str, script: &str, replicas: i32) -> Deployment {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {
-            "replicas": 1,
+            "replicas": replicas,
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
@@ -223,5 +229,118 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
     } else {
         println!("SKIP: ephemeral containers: this server has no pods/ephemeralcontainers subresource");
     }
+    drop(ns);
+}
+
+/// All ready pods of `app`, once there are `n` of them.
+async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.unwrap();
+        let ready: Vec<String> = list
+            .items
+            .into_iter()
+            .filter(|p| {
+                let st = p.status.clone().unwrap_or_default();
+                p.metadata.deletion_timestamp.is_none()
+                    && st.phase.as_deref() == Some("Running")
+                    && st.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        if ready.len() == n {
+            return ready;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{n} ready pods of app={app} never came");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// What a pod holds under `root`: "path=content" lines, sorted.
+async fn pod_tree(pods: &Api<Pod>, pod: &str, root: &str) -> String {
+    let script =
+        format!("cd {root} 2>/dev/null && find . -type f | sort | while read f; do echo \"$f=$(cat \"$f\")\"; done");
+    exec(pods, pod, &["sh", "-c", &script], None).await
+}
+
+/// The same listing of the local source tree.
+fn local_tree(src: &std::path::Path) -> String {
+    let snap = util::snapshot(src, &|_| false);
+    let mut out = String::new();
+    for (path, (kind, content, _)) in snap {
+        if kind == 'f' {
+            out.push_str(&format!("./{path}={}\n", String::from_utf8_lossy(&content)));
+        }
+    }
+    out
+}
+
+async fn wait_pods_match(pods: &Api<Pod>, names: &[String], root: &str, src: &std::path::Path, w: &mut util::Watching) {
+    let want = local_tree(src);
+    let t0 = Instant::now();
+    loop {
+        let mut all = true;
+        let mut last = String::new();
+        for p in names {
+            let got = pod_tree(pods, p, root).await;
+            if got != want {
+                all = false;
+                last = format!("{p}:\n{got}");
+            }
+        }
+        if all {
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            w.drain();
+            panic!("pods never matched the source\nwant:\n{want}\nlast:\n{last}\nevents:\n{}", w.dump());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn kubernetes_target_syncs_every_replica_and_follows_replacement() {
+    let Some(client) = client().await else { return };
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    deps.create(&PostParams::default(), &deployment_n("web", &image(), "exec sleep 3600", 2)).await.unwrap();
+    let names = ready_pods(&pods, "web", 2).await;
+
+    let root = "/tmp/app";
+    let p = util::Project::with_yaml(&format!(
+        "services:\n  web:\n    target:\n      kubernetes: {{namespace: {}, deployment: web, root: {root}}}\n    sync:\n      - from: src\n",
+        ns.name
+    ));
+    p.write("a.txt", b"alpha");
+    p.write("dir/b.txt", b"beta");
+    p.write("old.txt", b"to be renamed");
+    let mut w = tokio::task::block_in_place(|| p.watch_n(2));
+    println!("step: initial sync into both replicas");
+    wait_pods_match(&pods, &names, root, &p.src(), &mut w).await;
+
+    println!("step: live edit, create, delete, rename");
+    p.replace("a.txt", b"alpha 2");
+    p.write("new/deep/c.txt", b"gamma");
+    std::fs::remove_file(p.src().join("dir/b.txt")).unwrap();
+    std::fs::rename(p.src().join("old.txt"), p.src().join("renamed.txt")).unwrap();
+    wait_pods_match(&pods, &names, root, &p.src(), &mut w).await;
+
+    println!("step: a deleted pod is replaced, re-injected and resynced");
+    pods.delete(&names[0], &DeleteParams::default()).await.unwrap();
+    let t0 = Instant::now();
+    let names2 = loop {
+        let n = ready_pods(&pods, "web", 2).await;
+        if !n.contains(&names[0]) {
+            break n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "the pod was never replaced");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    p.write("after-replacement.txt", b"delta");
+    wait_pods_match(&pods, &names2, root, &p.src(), &mut w).await;
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
     drop(ns);
 }

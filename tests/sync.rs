@@ -295,3 +295,21 @@ fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
     }
     drop(log);
 }
+
+#[test]
+fn a_missing_cluster_is_reported_with_exit_code_3_and_a_hint() {
+    let p = Project::with_yaml(
+        "services:\n  web:\n    target:\n      kubernetes: {deployment: web, root: /app}\n    sync:\n      - from: src\n",
+    );
+    let kubeconfig = p.dir.path().join("no-such-kubeconfig");
+    let out = p
+        .cmd(&["sync", "--once"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", p.dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("cannot load the cluster configuration") && text.contains("hint: set KUBECONFIG"), "{text}");
+}

@@ -83,6 +83,12 @@ impl Project {
 
     /// Starts `devloop --json watch` and waits until it is watching.
     pub fn watch(&self) -> Watching {
+        self.watch_n(1)
+    }
+
+    /// Starts `devloop --json watch` and waits until `n` sessions (one per
+    /// pod) are watching.
+    pub fn watch_n(&self, n: usize) -> Watching {
         let mut child = self.cmd(&["--json", "watch"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
@@ -96,7 +102,9 @@ impl Project {
             }
         });
         let mut w = Watching { child, rx, seen: Vec::new() };
-        w.wait_event("watching", Duration::from_secs(20));
+        for _ in 0..n {
+            w.wait_event("watching", Duration::from_secs(60));
+        }
         w
     }
 }

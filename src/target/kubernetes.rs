@@ -1,0 +1,332 @@
+//! The Kubernetes target: find a service's ready pods, inject the static
+//! agent into the chosen container through the exec API, and speak the
+//! devloop protocol over an exec stream's stdin/stdout.
+//!
+//! Only what a developer normally may do in their namespace is used: get
+//! and list pods, Deployments and StatefulSets, and `pods/exec`. Nothing in
+//! the cluster is created or changed by this module; the agent binary and
+//! its process live in the container's /tmp and go with the container.
+//!
+//! Exec stdin is always framed (`head -c N`): some clusters' exec cannot
+//! half-close stdin, so a reader waiting for EOF would wait forever.
+
+use super::{Process, Started, TargetError};
+use crate::config::{KubeTarget, PodSelector};
+use crate::events::{Kind, Reporter};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, AttachParams, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// Environment variable naming the static agent binary to inject.
+pub const AGENT_STATIC_ENV: &str = "DEVLOOP_AGENT_STATIC";
+/// How long one exec round trip (including the upload) may take.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why the cluster could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot load the cluster configuration")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{what}: the cluster denied it (HTTP 403): {message}")]
+    Forbidden { what: String, message: String },
+    #[error("{what}: not found")]
+    NotFound { what: String },
+    #[error("{what} failed")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}: {message}")]
+    Unsupported { what: String, message: String },
+    #[error("container `{container}` is not in pod {pod} (it has: {have})")]
+    NoContainer { pod: String, container: String, have: String },
+    #[error("pod {pod} runs on `{arch}`, and this devloop has an agent for x86_64 only")]
+    Arch { pod: String, arch: String },
+    #[error("the agent uploaded into {pod} does not match (sha256 {got}, expected {want})")]
+    Checksum { pod: String, got: String, want: String },
+    #[error("`{command}` in {pod} did not finish within {secs} s")]
+    Timeout { pod: String, command: String, secs: u64 },
+    #[error("no static agent binary to inject (looked in {looked})")]
+    NoStaticAgent { looked: String },
+}
+
+impl KubeError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            KubeError::Config(_) => "set KUBECONFIG (or ~/.kube/config) to a cluster, or name `context:` in the kubernetes target".into(),
+            KubeError::Forbidden { .. } => "ask for a Role granting get/list on pods, deployments and statefulsets and create on pods/exec in this namespace".into(),
+            KubeError::NotFound { .. } => "check `namespace:` and the workload's name in the kubernetes target".into(),
+            KubeError::Api { .. } => "check that the cluster is reachable (the cause is above)".into(),
+            KubeError::Unsupported { .. } => "the container needs `sh` and `head` (images without a shell are not supported yet)".into(),
+            KubeError::NoContainer { .. } => "set `container:` in the kubernetes target to one of the listed containers".into(),
+            KubeError::Arch { .. } => format!("build an agent for that architecture and point {AGENT_STATIC_ENV} at it"),
+            KubeError::Checksum { .. } => "the container's /tmp may be full or read-only; devloop will retry".into(),
+            KubeError::Timeout { .. } => "the pod or the API server is slow or stuck; devloop will retry".into(),
+            KubeError::NoStaticAgent { .. } => format!(
+                "build it with `scripts/build-agent` (it lands where devloop looks), or set {AGENT_STATIC_ENV} to a statically linked devloop-agent"
+            ),
+        })
+    }
+}
+
+fn api_err(what: impl Into<String>, e: kube::Error) -> KubeError {
+    let what = what.into();
+    match &e {
+        kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden { what, message: s.message.clone() },
+        kube::Error::Api(s) if s.code == 404 => KubeError::NotFound { what },
+        _ => KubeError::Api { what, source: e },
+    }
+}
+
+/// A client and the namespace a service lives in.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub namespace: String,
+}
+
+/// Resolves cluster access the way kubectl does: `KUBECONFIG` or
+/// ~/.kube/config (with `context:` if given), else in-cluster config.
+pub async fn connect(t: &KubeTarget) -> Result<Cluster, KubeError> {
+    let config = match &t.context {
+        Some(ctx) => {
+            let opts = KubeConfigOptions { context: Some(ctx.clone()), ..Default::default() };
+            let kc = Kubeconfig::read().map_err(|e| KubeError::Config(Box::new(e)))?;
+            Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| KubeError::Config(Box::new(e)))?
+        }
+        None => Config::infer().await.map_err(|e| KubeError::Config(Box::new(e)))?,
+    };
+    let namespace = t.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).map_err(|e| KubeError::Config(Box::new(e)))?;
+    Ok(Cluster { client, namespace })
+}
+
+/// Names of the ready pods a selector finds, sorted.
+pub async fn ready_pods(c: &Cluster, sel: &PodSelector) -> Result<Vec<String>, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
+    let labels = match sel {
+        PodSelector::Pod(name) => {
+            let p = pods.get_opt(name).await.map_err(|e| api_err(format!("get pod {name}"), e))?;
+            return Ok(p.filter(is_ready).into_iter().filter_map(|p| p.metadata.name).collect());
+        }
+        PodSelector::Labels(l) => l.clone(),
+        PodSelector::Deployment(d) => {
+            let api: Api<Deployment> = Api::namespaced(c.client.clone(), &c.namespace);
+            let dep = api.get(d).await.map_err(|e| api_err(format!("deployment/{d} in {}", c.namespace), e))?;
+            match_labels(dep.spec.map(|s| s.selector), &format!("deployment/{d}"))?
+        }
+        PodSelector::StatefulSet(s) => {
+            let api: Api<StatefulSet> = Api::namespaced(c.client.clone(), &c.namespace);
+            let ss = api.get(s).await.map_err(|e| api_err(format!("statefulset/{s} in {}", c.namespace), e))?;
+            match_labels(ss.spec.map(|s| s.selector), &format!("statefulset/{s}"))?
+        }
+    };
+    let list = pods
+        .list(&ListParams::default().labels(&labels))
+        .await
+        .map_err(|e| api_err(format!("list pods ({labels}) in {}", c.namespace), e))?;
+    let mut names: Vec<String> = list.items.into_iter().filter(is_ready).filter_map(|p| p.metadata.name).collect();
+    names.sort();
+    Ok(names)
+}
+
+fn match_labels(
+    sel: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    what: &str,
+) -> Result<String, KubeError> {
+    let sel = sel.unwrap_or_default();
+    if sel.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) {
+        return Err(KubeError::Unsupported {
+            what: what.into(),
+            message: "its selector uses matchExpressions; give `selector:` with the pods' labels instead".into(),
+        });
+    }
+    let labels: Vec<String> =
+        sel.match_labels.unwrap_or_default().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if labels.is_empty() {
+        return Err(KubeError::Unsupported { what: what.into(), message: "it has no matchLabels".into() });
+    }
+    Ok(labels.join(","))
+}
+
+fn is_ready(p: &Pod) -> bool {
+    let Some(st) = &p.status else { return false };
+    p.metadata.deletion_timestamp.is_none()
+        && st.phase.as_deref() == Some("Running")
+        && st.conditions.as_ref().is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The statically linked agent that gets injected, and its checksum.
+pub struct AgentImage {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+    pub path: PathBuf,
+}
+
+/// Finds and reads the static agent: `DEVLOOP_AGENT_STATIC`, then
+/// `devloop-agent-static` next to devloop, then where `scripts/build-agent`
+/// puts it in a cargo target directory.
+pub fn agent_image() -> Result<AgentImage, KubeError> {
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os(AGENT_STATIC_ENV) {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
+        candidates.push(dir.join("devloop-agent-static"));
+        // target/<profile>/devloop or target/<profile>/deps/<test binary>
+        for up in [dir.join(".."), dir.join("../..")] {
+            candidates.push(up.join("x86_64-unknown-linux-gnu/agent/devloop-agent"));
+        }
+    }
+    for p in &candidates {
+        if let Ok(bytes) = std::fs::read(p) {
+            let sha256 = hex(&Sha256::digest(&bytes));
+            return Ok(AgentImage { bytes, sha256, path: p.clone() });
+        }
+    }
+    Err(KubeError::NoStaticAgent {
+        looked: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One pod to sync into.
+pub struct PodEndpoint {
+    pub cluster: Cluster,
+    pub pod: String,
+    pub container: Option<String>,
+    pub root: String,
+    pub agent: Arc<AgentImage>,
+}
+
+impl PodEndpoint {
+    pub fn describe(&self) -> String {
+        format!("pod {}/{}", self.cluster.namespace, self.pod)
+    }
+}
+
+/// Runs a command in the container; returns its stdout. `stdin` must be
+/// read by the command by length (it is never closed).
+async fn exec(ep: &PodEndpoint, container: &str, cmd: &[&str], stdin: Option<&[u8]>) -> Result<String, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+    let shown = cmd.join(" ");
+    let run = async {
+        let ap = AttachParams::default().container(container).stdin(stdin.is_some()).stdout(true).stderr(false);
+        let mut p = pods
+            .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
+            .await
+            .map_err(|e| api_err(format!("exec `{shown}` in pod {}", ep.pod), e))?;
+        if let (Some(data), Some(mut w)) = (stdin, p.stdin()) {
+            // A failed write shows up as a wrong result below.
+            let _ = w.write_all(data).await;
+            let _ = w.flush().await;
+        }
+        let mut out = String::new();
+        if let Some(mut r) = p.stdout() {
+            let _ = r.read_to_string(&mut out).await;
+        }
+        let _ = p.join().await;
+        Ok(out)
+    };
+    tokio::time::timeout(EXEC_TIMEOUT, run).await.map_err(|_| KubeError::Timeout {
+        pod: ep.pod.clone(),
+        command: shown,
+        secs: EXEC_TIMEOUT.as_secs(),
+    })?
+}
+
+/// The container to use: the configured one (checked) or the first.
+async fn container(ep: &PodEndpoint) -> Result<String, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+    let pod = pods.get(&ep.pod).await.map_err(|e| api_err(format!("get pod {}", ep.pod), e))?;
+    let names: Vec<String> = pod.spec.map(|s| s.containers.into_iter().map(|c| c.name).collect()).unwrap_or_default();
+    match &ep.container {
+        Some(c) if names.contains(c) => Ok(c.clone()),
+        Some(c) => Err(KubeError::NoContainer { pod: ep.pod.clone(), container: c.clone(), have: names.join(", ") }),
+        None => names.into_iter().next().ok_or_else(|| KubeError::NoContainer {
+            pod: ep.pod.clone(),
+            container: "(any)".into(),
+            have: "none".into(),
+        }),
+    }
+}
+
+/// Makes sure the agent is in the container (uploading it when the same
+/// build is not already there) and returns its path there.
+async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<String, KubeError> {
+    let arch = exec(ep, container, &["uname", "-m"], None).await?;
+    let arch = arch.trim();
+    if arch.is_empty() {
+        return Err(KubeError::Unsupported {
+            what: format!("pod {}", ep.pod),
+            message: "`uname -m` printed nothing: the container has no shell tools".into(),
+        });
+    }
+    if arch != "x86_64" {
+        return Err(KubeError::Arch { pod: ep.pod.clone(), arch: arch.into() });
+    }
+    let remote = format!("/tmp/devloop-agent-{}", &ep.agent.sha256[..16]);
+    // Reused when a file of that name already has the right checksum.
+    let check = format!("[ -x {remote} ] && sha256sum {remote} 2>/dev/null | cut -c1-64");
+    let have = exec(ep, container, &["sh", "-c", &check], None).await?;
+    if have.trim() == ep.agent.sha256 {
+        return Ok(remote);
+    }
+    let n = ep.agent.bytes.len();
+    rep.send(Kind::AgentLog { line: format!("uploading the agent ({n} bytes) into {}", ep.describe()) });
+    let upload = format!(
+        "head -c {n} > {remote}.part && chmod 755 {remote}.part && mv {remote}.part {remote} && sha256sum {remote} | cut -c1-64"
+    );
+    let got = exec(ep, container, &["sh", "-c", &upload], Some(&ep.agent.bytes)).await?;
+    if got.trim() != ep.agent.sha256 {
+        return Err(KubeError::Checksum { pod: ep.pod.clone(), got: got.trim().into(), want: ep.agent.sha256.clone() });
+    }
+    Ok(remote)
+}
+
+/// Injects and starts the agent in the pod, over an exec stream.
+pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
+    let wrap = |e: KubeError| TargetError::Kubernetes(Box::new(e));
+    let container = container(ep).await.map_err(wrap)?;
+    let remote = inject(ep, &container, rep).await.map_err(wrap)?;
+    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+    let ap = AttachParams::default().container(&container).stdin(true).stdout(true).stderr(true);
+    let cmd = vec![remote, "serve".into(), "--stdio".into(), "--token-stdin".into(), "--root".into(), ep.root.clone()];
+    let mut p = pods
+        .exec(&ep.pod, cmd, &ap)
+        .await
+        .map_err(|e| wrap(api_err(format!("start the agent in pod {}", ep.pod), e)))?;
+    let (Some(mut stdin), Some(stdout)) = (p.stdin(), p.stdout()) else {
+        return Err(wrap(KubeError::Unsupported {
+            what: format!("exec in pod {}", ep.pod),
+            message: "no stdio".into(),
+        }));
+    };
+    stdin
+        .write_all(format!("{token}\n").as_bytes())
+        .await
+        .map_err(|source| TargetError::Token { command: ep.describe(), source })?;
+    let mut forwarders = Vec::new();
+    if let Some(stderr) = p.stderr() {
+        let rep = rep.clone();
+        forwarders.push(tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                rep.send(Kind::AgentLog { line });
+            }
+        }));
+    }
+    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process::remote(p, forwarders) })
+}
