@@ -105,6 +105,10 @@ pub enum Kind {
     AppFailed {
         message: String,
     },
+    /// A line of the container's own log (Kubernetes targets).
+    PodLog {
+        line: String,
+    },
     Warning {
         message: String,
     },
@@ -214,6 +218,7 @@ pub fn plain(ev: &Event) -> String {
         },
         Kind::AppStopped => "app stopped".into(),
         Kind::AppFailed { message } => format!("app failed to start: {message}"),
+        Kind::PodLog { line } => format!("log | {line}"),
         Kind::Warning { message } => format!("warning: {message}"),
         Kind::Error { message, hint } => match hint {
             Some(h) => format!("error: {message}\n  hint: {h}"),

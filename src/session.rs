@@ -90,7 +90,8 @@ async fn follow_pods(
         Ok(a) => Arc::new(a),
         Err(e) => return fail(e),
     };
-    let mut sessions: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<Outcome>)> = HashMap::new();
+    // Per pod: how to stop its session, the session, and its log stream.
+    let mut sessions: HashMap<String, PodSession> = HashMap::new();
     let mut waiting_said = false;
     loop {
         match kubernetes::ready_pods(&cluster, &k.pods).await {
@@ -109,28 +110,26 @@ async fn follow_pods(
                         continue;
                     }
                     waiting_said = false;
-                    let ep = Endpoint::Pod(Arc::new(kubernetes::PodEndpoint {
+                    let pe = Arc::new(kubernetes::PodEndpoint {
                         cluster: cluster.clone(),
                         pod: pod.clone(),
                         container: k.container.clone(),
                         root: k.root.clone(),
                         agent: agent.clone(),
-                    }));
-                    let (stop_tx, stop_rx) = watch::channel(false);
+                    });
+                    let (stop, stop_rx) = watch::channel(false);
                     let prep = rep.for_part(pod);
-                    sessions.insert(
-                        pod.clone(),
-                        (stop_tx, tokio::spawn(run_endpoint(svc.clone(), ep, mode, prep, stop_rx))),
-                    );
+                    let logs = (mode == Mode::Watch).then(|| kubernetes::follow_logs(pe.clone(), prep.clone()));
+                    let task = tokio::spawn(run_endpoint(svc.clone(), Endpoint::Pod(pe), mode, prep, stop_rx));
+                    sessions.insert(pod.clone(), PodSession { stop, task, logs });
                 }
                 let gone: Vec<String> = sessions.keys().filter(|p| !pods.contains(p)).cloned().collect();
                 for pod in gone {
-                    if let Some((stop, task)) = sessions.remove(&pod) {
+                    if let Some(s) = sessions.remove(&pod) {
                         rep.send(Kind::Warning {
                             message: format!("pod {pod} is gone or not ready; stopped syncing it"),
                         });
-                        let _ = stop.send(true);
-                        let _ = task.await;
+                        s.end().await;
                     }
                 }
             }
@@ -148,8 +147,8 @@ async fn follow_pods(
                 return Outcome::Unreachable;
             }
             let mut worst = Outcome::InSync;
-            for (_, (_, task)) in sessions.drain() {
-                let o = task.await.unwrap_or(Outcome::Unreachable);
+            for (_, s) in sessions.drain() {
+                let o = s.task.await.unwrap_or(Outcome::Unreachable);
                 worst = worse(worst, o);
             }
             return worst;
@@ -157,14 +156,32 @@ async fn follow_pods(
         tokio::select! {
             _ = tokio::time::sleep(POD_POLL) => {}
             _ = shutdown.changed() => {
-                for (_, (stop, _)) in sessions.iter() {
-                    let _ = stop.send(true);
+                for s in sessions.values() {
+                    let _ = s.stop.send(true);
                 }
-                for (_, (_, task)) in sessions.drain() {
-                    let _ = task.await;
+                for (_, s) in sessions.drain() {
+                    s.end().await;
                 }
                 return Outcome::Stopped;
             }
+        }
+    }
+}
+
+/// One followed pod.
+struct PodSession {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Outcome>,
+    logs: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PodSession {
+    /// Stops the session (it closes its agent cleanly) and the log stream.
+    async fn end(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        if let Some(l) = self.logs {
+            l.abort();
         }
     }
 }

@@ -306,7 +306,12 @@ async fn kubernetes_target_syncs_every_replica_and_follows_replacement() {
     let ns = TestNamespace::create(&client).await;
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    deps.create(&PostParams::default(), &deployment_n("web", &image(), "exec sleep 3600", 2)).await.unwrap();
+    deps.create(
+        &PostParams::default(),
+        &deployment_n("web", &image(), "while true; do echo devloop-tick; sleep 1; done", 2),
+    )
+    .await
+    .unwrap();
     let names = ready_pods(&pods, "web", 2).await;
 
     let root = "/tmp/app";
@@ -320,6 +325,11 @@ async fn kubernetes_target_syncs_every_replica_and_follows_replacement() {
     let mut w = tokio::task::block_in_place(|| p.watch_n(2));
     println!("step: initial sync into both replicas");
     wait_pods_match(&pods, &names, root, &p.src(), &mut w).await;
+
+    println!("step: container logs arrive as events");
+    let log = tokio::task::block_in_place(|| w.wait_first("pod_log", Duration::from_secs(30)));
+    assert_eq!(log["line"], "devloop-tick", "{log}");
+    assert!(log["service"].as_str().unwrap().starts_with("web/web-"), "{log}");
 
     println!("step: live edit, create, delete, rename");
     p.replace("a.txt", b"alpha 2");

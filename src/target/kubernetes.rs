@@ -296,6 +296,41 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     Ok(remote)
 }
 
+/// Streams the container's log as events until the pod is gone. New lines
+/// only: the log from before devloop started is the pod's business. A
+/// stream that ends (container restart, API hiccup) is reopened.
+pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+        let mut since_start = true;
+        loop {
+            let container = match container(&ep).await {
+                Ok(c) => c,
+                Err(KubeError::NotFound { .. }) => return,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+            };
+            let lp = kube::api::LogParams {
+                container: Some(container),
+                follow: true,
+                tail_lines: since_start.then_some(0),
+                since_seconds: (!since_start).then_some(5),
+                ..Default::default()
+            };
+            if let Ok(stream) = pods.log_stream(&ep.pod, &lp).await {
+                let mut lines = futures_util::AsyncBufReadExt::lines(stream);
+                while let Some(Ok(line)) = futures_util::StreamExt::next(&mut lines).await {
+                    rep.send(Kind::PodLog { line });
+                }
+            }
+            since_start = false;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
 /// Injects and starts the agent in the pod, over an exec stream.
 pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
     let wrap = |e: KubeError| TargetError::Kubernetes(Box::new(e));
