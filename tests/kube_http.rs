@@ -1,0 +1,221 @@
+//! The Kubernetes layer at its HTTP boundary: a scripted API server on
+//! loopback answers each request from a script, records what was asked, and
+//! the tests assert the exact request sequence and how answers (including
+//! RBAC refusals) become devloop's errors. No cluster needed.
+
+use devloop::config::PodSelector;
+use devloop::target::kubernetes::{ready_pods, Cluster, KubeError};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// One scripted answer: the request it expects (method and path with
+/// query) and what it returns.
+struct Step {
+    request: &'static str,
+    status: u16,
+    body: String,
+}
+
+/// Serves the script in order; records every request line it received.
+/// A request that does not match the next step gets a 500 and is recorded,
+/// so the test's assertion on the sequence shows what went wrong.
+async fn scripted_server(script: Vec<Step>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let script = Arc::new(Mutex::new(script.into_iter().collect::<std::collections::VecDeque<_>>()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (script, log) = (script.clone(), log.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    let _ = r.read_exact(&mut body).await;
+                    let request = line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                    log.lock().unwrap().push(request.clone());
+                    let step = script.lock().unwrap().pop_front();
+                    let (status, body) = match step {
+                        Some(s) if s.request == request => (s.status, s.body),
+                        Some(s) => (500, format!("{{\"expected\":\"{}\"}}", s.request)),
+                        None => (500, "{\"expected\":\"nothing\"}".into()),
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+async fn cluster(url: &str) -> Cluster {
+    let config = kube::Config::new(url.parse().unwrap());
+    Cluster { client: kube::Client::try_from(config).unwrap(), namespace: "dev".into() }
+}
+
+fn pod(name: &str, phase: &str, ready: bool, deleting: bool) -> serde_json::Value {
+    let mut meta = serde_json::json!({"name": name, "namespace": "dev"});
+    if deleting {
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+    }
+    serde_json::json!({
+        "metadata": meta,
+        "spec": {"containers": [{"name": "main", "image": "x"}]},
+        "status": {"phase": phase, "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+    })
+}
+
+fn pod_list(items: Vec<serde_json::Value>) -> String {
+    serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}).to_string()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> String {
+    serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": message})
+        .to_string()
+}
+
+/// Four pods: only `ready-a` and `ready-b` count (the others are pending,
+/// not ready, or being deleted).
+fn mixed_pods() -> String {
+    pod_list(vec![
+        pod("ready-b", "Running", true, false),
+        pod("pending", "Pending", false, false),
+        pod("not-ready", "Running", false, false),
+        pod("terminating", "Running", true, true),
+        pod("ready-a", "Running", true, false),
+    ])
+}
+
+#[tokio::test]
+async fn a_deployment_is_resolved_through_its_selector_and_only_ready_pods_count() {
+    let dep = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web", "tier": "front"}}, "template": {}}
+    });
+    let (url, seen) = scripted_server(vec![
+        Step { request: "GET /apis/apps/v1/namespaces/dev/deployments/web", status: 200, body: dep.to_string() },
+        Step {
+            request: "GET /api/v1/namespaces/dev/pods?&labelSelector=app%3Dweb%2Ctier%3Dfront",
+            status: 200,
+            body: mixed_pods(),
+        },
+    ])
+    .await;
+    let pods = ready_pods(&cluster(&url).await, &PodSelector::Deployment("web".into())).await.unwrap();
+    assert_eq!(pods, vec!["ready-a", "ready-b"]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            "GET /apis/apps/v1/namespaces/dev/deployments/web",
+            "GET /api/v1/namespaces/dev/pods?&labelSelector=app%3Dweb%2Ctier%3Dfront"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn statefulsets_labels_and_pod_names_are_each_one_lookup_away() {
+    let ss = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+        "spec": {"selector": {"matchLabels": {"app": "db"}}, "serviceName": "db", "template": {}}
+    });
+    let (url, seen) = scripted_server(vec![
+        Step { request: "GET /apis/apps/v1/namespaces/dev/statefulsets/db", status: 200, body: ss.to_string() },
+        Step { request: "GET /api/v1/namespaces/dev/pods?&labelSelector=app%3Ddb", status: 200, body: mixed_pods() },
+        Step {
+            request: "GET /api/v1/namespaces/dev/pods?&labelSelector=role%3Dapi",
+            status: 200,
+            body: pod_list(vec![]),
+        },
+        Step {
+            request: "GET /api/v1/namespaces/dev/pods/one",
+            status: 200,
+            body: pod("one", "Running", true, false).to_string(),
+        },
+        Step {
+            request: "GET /api/v1/namespaces/dev/pods/gone",
+            status: 404,
+            body: status(404, "NotFound", "pods \"gone\" not found"),
+        },
+    ])
+    .await;
+    let c = cluster(&url).await;
+    assert_eq!(ready_pods(&c, &PodSelector::StatefulSet("db".into())).await.unwrap(), vec!["ready-a", "ready-b"]);
+    assert!(ready_pods(&c, &PodSelector::Labels("role=api".into())).await.unwrap().is_empty());
+    assert_eq!(ready_pods(&c, &PodSelector::Pod("one".into())).await.unwrap(), vec!["one"]);
+    // A named pod that does not exist is simply not ready (yet): devloop waits.
+    assert!(ready_pods(&c, &PodSelector::Pod("gone".into())).await.unwrap().is_empty());
+    assert_eq!(seen.lock().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn rbac_refusals_and_missing_workloads_become_errors_that_say_what_to_do() {
+    let (url, _) = scripted_server(vec![
+        Step {
+            request: "GET /apis/apps/v1/namespaces/dev/deployments/web",
+            status: 403,
+            body: status(
+                403,
+                "Forbidden",
+                "deployments.apps \"web\" is forbidden: User \"dev\" cannot get resource \"deployments\"",
+            ),
+        },
+        Step {
+            request: "GET /apis/apps/v1/namespaces/dev/deployments/nope",
+            status: 404,
+            body: status(404, "NotFound", "deployments.apps \"nope\" not found"),
+        },
+    ])
+    .await;
+    let c = cluster(&url).await;
+    let e = ready_pods(&c, &PodSelector::Deployment("web".into())).await.unwrap_err();
+    assert!(matches!(e, KubeError::Forbidden { .. }), "{e:?}");
+    assert!(e.to_string().contains("cannot get resource \"deployments\""), "{e}");
+    assert!(e.hint().unwrap().contains("Role"), "{:?}", e.hint());
+    let e = ready_pods(&c, &PodSelector::Deployment("nope".into())).await.unwrap_err();
+    assert!(matches!(e, KubeError::NotFound { .. }), "{e:?}");
+    assert!(e.to_string().contains("deployment/nope in dev"), "{e}");
+    assert!(e.hint().unwrap().contains("namespace"), "{:?}", e.hint());
+}
+
+#[tokio::test]
+async fn selectors_with_match_expressions_are_refused_with_a_way_out() {
+    let dep = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"selector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]}, "template": {}}
+    });
+    let (url, seen) = scripted_server(vec![Step {
+        request: "GET /apis/apps/v1/namespaces/dev/deployments/web",
+        status: 200,
+        body: dep.to_string(),
+    }])
+    .await;
+    let e = ready_pods(&cluster(&url).await, &PodSelector::Deployment("web".into())).await.unwrap_err();
+    assert!(e.to_string().contains("matchExpressions") && e.to_string().contains("selector:"), "{e}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "no pod listing after a refused selector");
+}
