@@ -20,6 +20,7 @@
 //! library (`devloop_agent::protocol`) so the two sides cannot disagree.
 
 pub mod config;
+pub mod doctor;
 pub mod events;
 pub mod filter;
 pub mod link;

@@ -49,6 +49,18 @@ enum Command {
     },
     /// Check devloop.yaml and print what it resolves to.
     Check,
+    /// Check that each target can be used: agent binaries, cluster access,
+    /// the RBAC verbs devloop needs (printing the minimal Role if any is missing).
+    Doctor {
+        /// Only these services (default: all).
+        services: Vec<String>,
+    },
+    /// Remove what devloop put into targets (agents injected into pods).
+    /// Safe to run twice, and after a crash.
+    Down {
+        /// Only these services (default: all).
+        services: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +80,8 @@ fn main() -> ExitCode {
         }
     };
     let (mode, only) = match cli.command {
+        Command::Doctor { services } => return admin(cfg, &services, format, true),
+        Command::Down { services } => return admin(cfg, &services, format, false),
         Command::Watch { services } => (Mode::Watch, services),
         Command::Sync { once: true, services } => (Mode::Once, services),
         Command::Sync { once: false, .. } => {
@@ -108,6 +122,32 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(rt.block_on(run(cfg, mode, format)))
+}
+
+/// `doctor` (check) or `down` (undo), service by service.
+fn admin(cfg: Config, only: &[String], format: Format, check: bool) -> ExitCode {
+    let cfg = match select(cfg, only) {
+        Ok(c) => c,
+        Err(m) => {
+            report_fatal(format, &m, Some("name services defined in devloop.yaml"), None);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            report_fatal(format, &format!("cannot start the runtime: {e}"), None, None);
+            return ExitCode::FAILURE;
+        }
+    };
+    let ok = rt.block_on(async {
+        let mut ok = true;
+        for s in &cfg.services {
+            ok &= if check { devloop::doctor::check(s).await } else { devloop::doctor::down(s).await };
+        }
+        ok
+    });
+    ExitCode::from(if ok { exit::OK } else { exit::NOT_IN_SYNC })
 }
 
 fn select(mut cfg: Config, only: &[String]) -> Result<Config, String> {

@@ -352,5 +352,115 @@ async fn kubernetes_target_syncs_every_replica_and_follows_replacement() {
     p.write("after-replacement.txt", b"delta");
     wait_pods_match(&pods, &names2, root, &p.src(), &mut w).await;
     assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+
+    println!("step: down removes the injected agents, and is safe to run twice");
+    let down = || {
+        let out = p.cmd(&["down"]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.matches("removed 1 agent file").count(), 2, "{text}");
+    for pod in &names2 {
+        let left = exec(&pods, pod, &["sh", "-c", "ls /tmp/devloop-agent-* 2>/dev/null | wc -l"], None).await;
+        assert_eq!(left.trim(), "0", "agent left in {pod}");
+    }
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.matches("nothing to remove").count(), 2, "{text}");
+    drop(ns);
+}
+
+/// A kubeconfig for the same cluster as KUBECONFIG's current context, as a
+/// service account (by bearer token).
+fn kubeconfig_for_token(dir: &std::path::Path, token: &str, namespace: &str) -> std::path::PathBuf {
+    let kc = kube::config::Kubeconfig::read().unwrap();
+    let ctx_name = kc.current_context.clone().unwrap();
+    let ctx = kc.contexts.iter().find(|c| c.name == ctx_name).and_then(|c| c.context.clone()).unwrap();
+    let cluster = kc.clusters.iter().find(|c| c.name == ctx.cluster).and_then(|c| c.cluster.clone()).unwrap();
+    let mut c = serde_json::json!({"server": cluster.server.unwrap()});
+    if let Some(ca) = cluster.certificate_authority {
+        c["certificate-authority"] = ca.into();
+    }
+    if let Some(ca) = cluster.certificate_authority_data {
+        c["certificate-authority-data"] = ca.into();
+    }
+    if cluster.insecure_skip_tls_verify == Some(true) {
+        c["insecure-skip-tls-verify"] = true.into();
+    }
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": c}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa", "namespace": namespace}}],
+        "current-context": "sa"
+    });
+    let path = dir.join("sa.kubeconfig");
+    std::fs::write(&path, doc.to_string()).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn doctor_names_missing_permissions_and_the_role_it_prints_is_enough() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let Some(client) = client().await else { return };
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    deps.create(&PostParams::default(), &deployment("web", &image(), "exec sleep 3600")).await.unwrap();
+    ready_pod(&pods, "web").await;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": "dev"}})).unwrap();
+    sas.create(&PostParams::default(), &sa).await.unwrap();
+    let req = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
+    let tr: serde_json::Value = sas.create_subresource("token", "dev", &PostParams::default(), &req).await.unwrap();
+    let token = tr["status"]["token"].as_str().unwrap().to_string();
+
+    let p = util::Project::with_yaml(&format!(
+        "services:\n  web:\n    target:\n      kubernetes: {{namespace: {}, deployment: web, root: /tmp/app}}\n    sync:\n      - from: src\n",
+        ns.name
+    ));
+    let kubeconfig = kubeconfig_for_token(p.dir.path(), &token, &ns.name);
+    let doctor = || {
+        let out = p.cmd(&["doctor"]).env("KUBECONFIG", &kubeconfig).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    println!("step: doctor as a service account with no rights");
+    let (code, text) = tokio::task::block_in_place(doctor);
+    assert_eq!(code, Some(1), "{text}");
+    for need in ["list pods", "create pods/exec", "get deployments"] {
+        assert!(text.contains(&format!("FAIL  may not {need}")), "{need}:\n{text}");
+    }
+    // The Role it prints, granted to that account, is all devloop needs.
+    let role_yaml: String = text
+        .lines()
+        .skip_while(|l| !l.contains("The smallest Role"))
+        .skip(1)
+        .filter_map(|l| l.strip_prefix("    "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let role: Role =
+        serde_yaml::from_str(&role_yaml).unwrap_or_else(|e| panic!("printed Role does not parse: {e}\n{role_yaml}"));
+    Api::<Role>::namespaced(client.clone(), &ns.name).create(&PostParams::default(), &role).await.unwrap();
+    let rb: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "devloop"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "devloop"},
+        "subjects": [{"kind": "ServiceAccount", "name": "dev", "namespace": ns.name}]
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), &ns.name).create(&PostParams::default(), &rb).await.unwrap();
+    println!("step: doctor after granting exactly that Role");
+    let t0 = Instant::now();
+    loop {
+        let (code, text) = tokio::task::block_in_place(doctor);
+        if code == Some(0) {
+            assert!(!text.contains("FAIL"), "{text}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the printed Role was not enough:\n{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(ns);
 }

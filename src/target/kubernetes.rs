@@ -219,15 +219,21 @@ impl PodEndpoint {
 
 /// Runs a command in the container; returns its stdout. `stdin` must be
 /// read by the command by length (it is never closed).
-async fn exec(ep: &PodEndpoint, container: &str, cmd: &[&str], stdin: Option<&[u8]>) -> Result<String, KubeError> {
-    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+async fn exec(
+    c: &Cluster,
+    pod: &str,
+    container: &str,
+    cmd: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<String, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
     let shown = cmd.join(" ");
     let run = async {
         let ap = AttachParams::default().container(container).stdin(stdin.is_some()).stdout(true).stderr(false);
         let mut p = pods
-            .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
+            .exec(pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
             .await
-            .map_err(|e| api_err(format!("exec `{shown}` in pod {}", ep.pod), e))?;
+            .map_err(|e| api_err(format!("exec `{shown}` in pod {pod}"), e))?;
         if let (Some(data), Some(mut w)) = (stdin, p.stdin()) {
             // A failed write shows up as a wrong result below.
             let _ = w.write_all(data).await;
@@ -241,22 +247,26 @@ async fn exec(ep: &PodEndpoint, container: &str, cmd: &[&str], stdin: Option<&[u
         Ok(out)
     };
     tokio::time::timeout(EXEC_TIMEOUT, run).await.map_err(|_| KubeError::Timeout {
-        pod: ep.pod.clone(),
+        pod: pod.to_string(),
         command: shown,
         secs: EXEC_TIMEOUT.as_secs(),
     })?
 }
 
 /// The container to use: the configured one (checked) or the first.
-async fn container(ep: &PodEndpoint) -> Result<String, KubeError> {
-    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
-    let pod = pods.get(&ep.pod).await.map_err(|e| api_err(format!("get pod {}", ep.pod), e))?;
+async fn container(c: &Cluster, pod_name: &str, configured: Option<&str>) -> Result<String, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
+    let pod = pods.get(pod_name).await.map_err(|e| api_err(format!("get pod {pod_name}"), e))?;
     let names: Vec<String> = pod.spec.map(|s| s.containers.into_iter().map(|c| c.name).collect()).unwrap_or_default();
-    match &ep.container {
-        Some(c) if names.contains(c) => Ok(c.clone()),
-        Some(c) => Err(KubeError::NoContainer { pod: ep.pod.clone(), container: c.clone(), have: names.join(", ") }),
+    match configured {
+        Some(want) if names.iter().any(|n| n == want) => Ok(want.to_string()),
+        Some(want) => Err(KubeError::NoContainer {
+            pod: pod_name.to_string(),
+            container: want.to_string(),
+            have: names.join(", "),
+        }),
         None => names.into_iter().next().ok_or_else(|| KubeError::NoContainer {
-            pod: ep.pod.clone(),
+            pod: pod_name.to_string(),
             container: "(any)".into(),
             have: "none".into(),
         }),
@@ -266,7 +276,7 @@ async fn container(ep: &PodEndpoint) -> Result<String, KubeError> {
 /// Makes sure the agent is in the container (uploading it when the same
 /// build is not already there) and returns its path there.
 async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<String, KubeError> {
-    let arch = exec(ep, container, &["uname", "-m"], None).await?;
+    let arch = exec(&ep.cluster, &ep.pod, container, &["uname", "-m"], None).await?;
     let arch = arch.trim();
     if arch.is_empty() {
         return Err(KubeError::Unsupported {
@@ -280,7 +290,7 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     let remote = format!("/tmp/devloop-agent-{}", &ep.agent.sha256[..16]);
     // Reused when a file of that name already has the right checksum.
     let check = format!("[ -x {remote} ] && sha256sum {remote} 2>/dev/null | cut -c1-64");
-    let have = exec(ep, container, &["sh", "-c", &check], None).await?;
+    let have = exec(&ep.cluster, &ep.pod, container, &["sh", "-c", &check], None).await?;
     if have.trim() == ep.agent.sha256 {
         return Ok(remote);
     }
@@ -289,11 +299,23 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     let upload = format!(
         "head -c {n} > {remote}.part && chmod 755 {remote}.part && mv {remote}.part {remote} && sha256sum {remote} | cut -c1-64"
     );
-    let got = exec(ep, container, &["sh", "-c", &upload], Some(&ep.agent.bytes)).await?;
+    let got = exec(&ep.cluster, &ep.pod, container, &["sh", "-c", &upload], Some(&ep.agent.bytes)).await?;
     if got.trim() != ep.agent.sha256 {
         return Err(KubeError::Checksum { pod: ep.pod.clone(), got: got.trim().into(), want: ep.agent.sha256.clone() });
     }
     Ok(remote)
+}
+
+/// Stops any agent devloop started in the pod and removes its binaries.
+/// Returns how many agent files there were. Safe to run again.
+pub async fn remove_agent(c: &Cluster, pod: &str, configured: Option<&str>) -> Result<usize, KubeError> {
+    let container = container(c, pod, configured).await?;
+    let script = "n=0; for f in /tmp/devloop-agent-*; do [ -e \"$f\" ] && n=$((n+1)); done; \
+        for p in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in \
+        /tmp/devloop-agent-*) kill ${p#/proc/} 2>/dev/null;; esac; done; \
+        rm -f /tmp/devloop-agent-*; echo $n";
+    let out = exec(c, pod, &container, &["sh", "-c", script], None).await?;
+    Ok(out.trim().parse().unwrap_or(0))
 }
 
 /// Streams the container's log as events until the pod is gone. New lines
@@ -304,7 +326,7 @@ pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHand
         let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
         let mut since_start = true;
         loop {
-            let container = match container(&ep).await {
+            let container = match container(&ep.cluster, &ep.pod, ep.container.as_deref()).await {
                 Ok(c) => c,
                 Err(KubeError::NotFound { .. }) => return,
                 Err(_) => {
@@ -334,7 +356,7 @@ pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHand
 /// Injects and starts the agent in the pod, over an exec stream.
 pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
     let wrap = |e: KubeError| TargetError::Kubernetes(Box::new(e));
-    let container = container(ep).await.map_err(wrap)?;
+    let container = container(&ep.cluster, &ep.pod, ep.container.as_deref()).await.map_err(wrap)?;
     let remote = inject(ep, &container, rep).await.map_err(wrap)?;
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
     let ap = AttachParams::default().container(&container).stdin(true).stdout(true).stderr(true);
