@@ -9,8 +9,12 @@
 //! 4. a 1000-file burst: time until all visible, and batches used;
 //! 5. watcher cost on a 100k-file tree: idle CPU over 30 s, and RSS.
 //!
+//! 6. with a cluster (KUBECONFIG): injection into a fresh pod (time, TLS
+//!    connections and bytes through a counting proxy) against a run that
+//!    reuses the agent, and edit-to-applied latency in the pod.
+//!
 //! Options (env): BENCH_EDITS (default 300), BENCH_IDLE_SECS (default 30),
-//! BENCH_ONLY (comma list of: latency,initial,burst,idle).
+//! BENCH_ONLY (comma list of: latency,initial,burst,idle,kube).
 
 use notify::Watcher as _;
 use std::io::{BufRead, BufReader};
@@ -349,9 +353,207 @@ fn bench_idle(secs: u64) {
     );
 }
 
+/// Counts what crosses a TCP proxy between devloop and the API server.
+#[derive(Default)]
+struct Traffic {
+    connections: std::sync::atomic::AtomicU64,
+    up: std::sync::atomic::AtomicU64,
+    down: std::sync::atomic::AtomicU64,
+}
+
+/// A loopback TCP proxy to `upstream`; returns its address.
+fn proxy(upstream: std::net::SocketAddr, t: std::sync::Arc<Traffic>) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            t.connections.fetch_add(1, Relaxed);
+            let Ok(s) = std::net::TcpStream::connect(upstream) else { continue };
+            for (mut a, mut b, up) in [(c.try_clone().unwrap(), s.try_clone().unwrap(), true), (s, c, false)] {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = std::io::Read::read(&mut a, &mut buf) {
+                        if n == 0 || std::io::Write::write_all(&mut b, &buf[..n]).is_err() {
+                            break;
+                        }
+                        (if up { &t.up } else { &t.down }).fetch_add(n as u64, Relaxed);
+                    }
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+fn kubectl_like(args: &[&str], kubeconfig: &Path) -> serde_json::Value {
+    // The bench drives the cluster through a tiny API helper: curl with the
+    // kubeconfig's client certificate (the project's own test cluster).
+    let kc: serde_json::Value = serde_yaml_to_json(kubeconfig);
+    let user = &kc["users"][0]["user"];
+    let server = kc["clusters"][0]["cluster"]["server"].as_str().unwrap().to_string();
+    let mut c = Command::new("curl");
+    c.args(["-sf", "--cacert", kc["clusters"][0]["cluster"]["certificate-authority"].as_str().unwrap_or("")])
+        .args([
+            "--cert",
+            user["client-certificate"].as_str().unwrap_or(""),
+            "--key",
+            user["client-key"].as_str().unwrap_or(""),
+        ])
+        .args(["-H", "Content-Type: application/json"]);
+    let (method, path, body) = (args[0], args[1], args.get(2));
+    c.args(["-X", method, &format!("{server}{path}")]);
+    if let Some(b) = body {
+        c.args(["-d", b]);
+    }
+    let out = c.output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn serde_yaml_to_json(p: &Path) -> serde_json::Value {
+    serde_yaml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn bench_kube(edits: usize) {
+    println!("## 6. Kubernetes target: injection and edit-to-applied latency in a pod");
+    let Some(kubeconfig) = std::env::var_os("KUBECONFIG").map(PathBuf::from) else {
+        println!("SKIP: no cluster (KUBECONFIG unset; scripts/test-cluster up starts one)\n");
+        return;
+    };
+    let kc = serde_yaml_to_json(&kubeconfig);
+    let server = kc["clusters"][0]["cluster"]["server"].as_str().unwrap_or("").to_string();
+    let Some(hostport) = server.strip_prefix("https://127.0.0.1:") else {
+        println!("SKIP: the byte-counting proxy needs a cluster served on 127.0.0.1 (this one is {server})\n");
+        return;
+    };
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{hostport}").parse().unwrap();
+    let ns = format!("devloop-bench-{}", std::process::id());
+    let image = std::env::var("DEVLOOP_E2E_IMAGE").unwrap_or_else(|_| "busybox:1.36".into());
+    kubectl_like(&["POST", "/api/v1/namespaces", &format!("{{\"metadata\":{{\"name\":\"{ns}\"}}}}")], &kubeconfig);
+    std::thread::sleep(Duration::from_secs(2));
+    let dep = serde_json::json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["sh", "-c", "exec sleep 3600"]}]}}}});
+    kubectl_like(&["POST", &format!("/apis/apps/v1/namespaces/{ns}/deployments"), &dep.to_string()], &kubeconfig);
+    let t0 = Instant::now();
+    loop {
+        let pods = kubectl_like(&["GET", &format!("/api/v1/namespaces/{ns}/pods")], &kubeconfig);
+        let ready = pods["items"].as_array().is_some_and(|a| {
+            a.iter().any(|p| {
+                p["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+        });
+        if ready {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "bench pod never became ready");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // devloop reaches the API server through the counting proxy.
+    let traffic = std::sync::Arc::new(Traffic::default());
+    let paddr = proxy(upstream, traffic.clone());
+    let mut kc2 = kc.clone();
+    kc2["clusters"][0]["cluster"]["server"] = format!("https://{paddr}").into();
+    let d = tempfile::tempdir().unwrap();
+    let kc2_path = d.path().join("kubeconfig");
+    std::fs::write(&kc2_path, kc2.to_string()).unwrap();
+    std::fs::create_dir_all(d.path().join("src")).unwrap();
+    std::fs::write(d.path().join("src/f.txt"), vec![b'x'; 1024]).unwrap();
+    std::fs::write(
+        d.path().join("devloop.yaml"),
+        format!("services:\n  web:\n    target:\n      kubernetes: {{namespace: {ns}, deployment: web, root: /tmp/app}}\n    sync:\n      - from: src\n"),
+    )
+    .unwrap();
+    let run_once = || {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (c0, u0, d0) = (traffic.connections.load(Relaxed), traffic.up.load(Relaxed), traffic.down.load(Relaxed));
+        let t = Instant::now();
+        let ok = Command::new(devloop_bin())
+            .current_dir(d.path())
+            .env("KUBECONFIG", &kc2_path)
+            .args(["sync", "--once"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "devloop sync --once against the bench pod failed");
+        (
+            t.elapsed().as_secs_f64() * 1e3,
+            traffic.connections.load(Relaxed) - c0,
+            traffic.up.load(Relaxed) - u0,
+            traffic.down.load(Relaxed) - d0,
+        )
+    };
+    let (fresh_ms, fresh_conns, fresh_up, fresh_down) = run_once();
+    let (reuse_ms, reuse_conns, reuse_up, reuse_down) = run_once();
+    let agent_size =
+        std::fs::metadata(std::env::var_os("DEVLOOP_AGENT_STATIC").map(PathBuf::from).unwrap_or_else(|| {
+            devloop_bin().parent().unwrap().join("../x86_64-unknown-linux-gnu/agent/devloop-agent")
+        }))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!("static agent: {agent_size} bytes");
+    println!(
+        "fresh pod (inject + sync): {fresh_ms:.0} ms, {fresh_conns} TLS connections (one per exec + API), {fresh_up} bytes up, {fresh_down} down"
+    );
+    println!(
+        "agent already there:       {reuse_ms:.0} ms, {reuse_conns} TLS connections, {reuse_up} bytes up, {reuse_down} down"
+    );
+    println!(
+        "injection cost: {:.0} ms, {} bytes uploaded beyond a reuse ({:.2}x the binary)",
+        fresh_ms - reuse_ms,
+        fresh_up - reuse_up,
+        (fresh_up - reuse_up) as f64 / agent_size.max(1) as f64
+    );
+
+    // Edit-to-applied latency in the pod, from devloop's own acknowledgements.
+    let mut child = Command::new(devloop_bin())
+        .current_dir(d.path())
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["--json", "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let wait = |kind: &str| loop {
+        let v = rx.recv_timeout(Duration::from_secs(60)).expect("devloop event");
+        if v["type"] == kind {
+            return v;
+        }
+    };
+    wait("watching");
+    let mut lat = Vec::new();
+    for i in 0..edits {
+        let tmp = d.path().join(".tmp");
+        std::fs::write(&tmp, format!("edit {i:06}").repeat(100)).unwrap();
+        std::fs::rename(&tmp, d.path().join("src/f.txt")).unwrap();
+        let v = wait("sync_applied");
+        lat.push(v["latency_ms"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+    println!("edit-to-applied in the pod over exec ({edits} edits): p50 {p50:.2} ms  p99 {p99:.2} ms\n");
+    kubectl_like(&["DELETE", &format!("/api/v1/namespaces/{ns}")], &kubeconfig);
+}
+
 fn main() {
     // `cargo bench` passes --bench; ignore it.
-    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle".into());
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,kube".into());
     let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -361,6 +563,7 @@ fn main() {
             "initial" => bench_initial(),
             "burst" => bench_burst(),
             "idle" => bench_idle(idle),
+            "kube" => bench_kube(edits.min(200)),
             other => eprintln!("unknown bench part {other}"),
         }
     }

@@ -106,8 +106,26 @@ pub async fn connect(t: &KubeTarget) -> Result<Cluster, KubeError> {
         None => Config::infer().await.map_err(|e| KubeError::Config(Box::new(e)))?,
     };
     let namespace = t.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).map_err(|e| KubeError::Config(Box::new(e)))?;
+    let client = client_with_nodelay(config).map_err(|e| KubeError::Config(Box::new(e)))?;
     Ok(Cluster { client, namespace })
+}
+
+/// kube's client, but over sockets with TCP_NODELAY: the sync protocol
+/// writes small messages and waits for small answers, and with Nagle's
+/// algorithm on each round trip through the API server stalls ~40 ms on a
+/// delayed ACK.
+pub fn client_with_nodelay(config: Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https));
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// Names of the ready pods a selector finds, sorted.
