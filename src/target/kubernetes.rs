@@ -294,8 +294,13 @@ async fn container(c: &Cluster, pod_name: &str, configured: Option<&str>) -> Res
 /// Makes sure the agent is in the container (uploading it when the same
 /// build is not already there) and returns its path there.
 async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<String, KubeError> {
-    let arch = exec(&ep.cluster, &ep.pod, container, &["uname", "-m"], None).await?;
-    let arch = arch.trim();
+    let remote = format!("/tmp/devloop-agent-{}", &ep.agent.sha256[..16]);
+    // One round trip: the architecture, then the checksum of an agent of
+    // this build if one is already there (reused when it matches).
+    let probe = format!("uname -m; [ -x {remote} ] && sha256sum {remote} 2>/dev/null | cut -c1-64");
+    let out = exec(&ep.cluster, &ep.pod, container, &["sh", "-c", &probe], None).await?;
+    let mut lines = out.lines();
+    let arch = lines.next().unwrap_or("").trim();
     if arch.is_empty() {
         return Err(KubeError::Unsupported {
             what: format!("pod {}", ep.pod),
@@ -305,11 +310,7 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     if arch != "x86_64" {
         return Err(KubeError::Arch { pod: ep.pod.clone(), arch: arch.into() });
     }
-    let remote = format!("/tmp/devloop-agent-{}", &ep.agent.sha256[..16]);
-    // Reused when a file of that name already has the right checksum.
-    let check = format!("[ -x {remote} ] && sha256sum {remote} 2>/dev/null | cut -c1-64");
-    let have = exec(&ep.cluster, &ep.pod, container, &["sh", "-c", &check], None).await?;
-    if have.trim() == ep.agent.sha256 {
+    if lines.next().map(str::trim) == Some(ep.agent.sha256.as_str()) {
         return Ok(remote);
     }
     let n = ep.agent.bytes.len();
