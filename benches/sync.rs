@@ -49,9 +49,14 @@ struct Watch {
 
 impl Watch {
     fn start(dir: &Path) -> Watch {
+        Watch::start_env(dir, &[("DEVLOOP_AGENT_BIN", agent_bin().into_os_string())])
+    }
+
+    /// Starts `devloop --json watch` in `dir` with extra environment.
+    fn start_env(dir: &Path, env: &[(&str, std::ffi::OsString)]) -> Watch {
         let mut child = Command::new(devloop_bin())
             .current_dir(dir)
-            .env("DEVLOOP_AGENT_BIN", agent_bin())
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .args(["--json", "watch"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -511,41 +516,17 @@ fn bench_kube(edits: usize) {
     );
 
     // Edit-to-applied latency in the pod, from devloop's own acknowledgements.
-    let mut child = Command::new(devloop_bin())
-        .current_dir(d.path())
-        .env("KUBECONFIG", &kubeconfig)
-        .args(["--json", "watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let wait = |kind: &str| loop {
-        let v = rx.recv_timeout(Duration::from_secs(60)).expect("devloop event");
-        if v["type"] == kind {
-            return v;
-        }
-    };
-    wait("watching");
+    let w = Watch::start_env(d.path(), &[("KUBECONFIG", kubeconfig.clone().into_os_string())]);
     let mut lat = Vec::new();
     for i in 0..edits {
         let tmp = d.path().join(".tmp");
         std::fs::write(&tmp, format!("edit {i:06}").repeat(100)).unwrap();
         std::fs::rename(&tmp, d.path().join("src/f.txt")).unwrap();
-        let v = wait("sync_applied");
+        let v = w.wait("sync_applied", Duration::from_secs(60));
         lat.push(v["latency_ms"].as_f64().unwrap());
         std::thread::sleep(Duration::from_millis(10));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let _ = child.wait();
+    drop(w);
     let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
     println!("edit-to-applied in the pod over exec ({edits} edits): p50 {p50:.2} ms  p99 {p99:.2} ms\n");
     kubectl_like(&["DELETE", &format!("/api/v1/namespaces/{ns}")], &kubeconfig);

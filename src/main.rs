@@ -107,38 +107,32 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::OK);
         }
     };
-    let cfg = match select(cfg, &only) {
-        Ok(c) => c,
-        Err(m) => {
-            report_fatal(format, &m, Some("name services defined in devloop.yaml"), None);
-            return ExitCode::from(exit::CONFIG);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            report_fatal(format, &format!("cannot start the runtime: {e}"), None, None);
-            return ExitCode::FAILURE;
-        }
+    let (cfg, rt) = match prepare(cfg, &only, format) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     ExitCode::from(rt.block_on(run(cfg, mode, format)))
 }
 
+/// The selected services and a runtime to run them on, or the exit code
+/// of why not (reported).
+fn prepare(cfg: Config, only: &[String], format: Format) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let cfg = select(cfg, only).map_err(|m| {
+        report_fatal(format, &m, Some("name services defined in devloop.yaml"), None);
+        ExitCode::from(exit::CONFIG)
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        report_fatal(format, &format!("cannot start the runtime: {e}"), None, None);
+        ExitCode::FAILURE
+    })?;
+    Ok((cfg, rt))
+}
+
 /// `doctor` (check) or `down` (undo), service by service.
 fn admin(cfg: Config, only: &[String], format: Format, check: bool) -> ExitCode {
-    let cfg = match select(cfg, only) {
-        Ok(c) => c,
-        Err(m) => {
-            report_fatal(format, &m, Some("name services defined in devloop.yaml"), None);
-            return ExitCode::from(exit::CONFIG);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            report_fatal(format, &format!("cannot start the runtime: {e}"), None, None);
-            return ExitCode::FAILURE;
-        }
+    let (cfg, rt) = match prepare(cfg, only, format) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let ok = rt.block_on(async {
         let mut ok = true;
