@@ -227,10 +227,11 @@ async fn dispatch(
                     Control::Error { message, fatal: true, .. } => {
                         rep.send(Kind::Error { message: format!("agent: {message}"), hint: None });
                     }
-                    Control::Error { message, .. } if !indexes.is_empty() => {
-                        // Non-fatal errors answer the pending index request.
-                        for (_, (_, reply)) in indexes.drain() {
-                            let _ = reply.send(Err(LinkError::Agent(message.clone())));
+                    // An error that answers a request fails that request
+                    // only; any other is reported and the session goes on.
+                    Control::Error { message, request: Some(id), .. } if indexes.contains_key(&id) => {
+                        if let Some((_, reply)) = indexes.remove(&id) {
+                            let _ = reply.send(Err(LinkError::Agent(message)));
                         }
                     }
                     other => report(&rep, other),

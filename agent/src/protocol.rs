@@ -131,7 +131,14 @@ pub enum Control {
     /// The app process changed state.
     App { state: AppState },
     /// Something went wrong. `fatal` errors are followed by a close.
-    Error { code: ErrorCode, message: String, fatal: bool },
+    Error {
+        code: ErrorCode,
+        message: String,
+        fatal: bool,
+        /// The request (index id) this error answers, if it answers one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<u64>,
+    },
 
     // ---- CLI -> agent ----
     /// Index the trees under these root-relative directories ("" = root),
@@ -284,6 +291,7 @@ mod tests {
             Control::Credit { stream: 1, bytes: 65536 },
             Control::Output { source: OutputSource::App, stream: StdStream::Stderr, line: "é".into() },
             Control::App { state: AppState::Exited { code: Some(3) } },
+            Control::Error { code: ErrorCode::Request, message: "x".into(), fatal: false, request: Some(4) },
         ];
         for m in msgs {
             let f = Frame::Control(m);

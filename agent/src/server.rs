@@ -128,7 +128,7 @@ where
                 match ev {
                     Ok(c) => { let _ = out.control(c); }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = out.control(Control::Error { code: ErrorCode::Request, message: format!("{n} lines of app output dropped (client too slow)"), fatal: false });
+                        let _ = out.control(Control::Error { code: ErrorCode::Request, message: format!("{n} lines of app output dropped (client too slow)"), fatal: false, request: None });
                     }
                     Err(_) => {}
                 }
@@ -274,7 +274,12 @@ fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
 }
 
 fn fatal(out: &Outbound, message: &str) {
-    let _ = out.control(Control::Error { code: ErrorCode::Protocol, message: message.to_string(), fatal: true });
+    let _ = out.control(Control::Error {
+        code: ErrorCode::Protocol,
+        message: message.to_string(),
+        fatal: true,
+        request: None,
+    });
     out.close(close_code::PROTOCOL, message.chars().take(120).collect::<String>());
 }
 
@@ -295,6 +300,7 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<Strin
                     code: ErrorCode::Request,
                     message: format!("index of `{u}`: {e}"),
                     fatal: false,
+                    request: Some(id),
                 });
                 let _ = out.control(Control::IndexPart { id, entries: vec![], done: true });
                 return;

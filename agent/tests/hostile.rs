@@ -345,3 +345,31 @@ async fn a_silent_peer_is_dropped_within_the_heartbeat_timeout() {
     let (out, _rx) = session(&a).await;
     out.close(1000, "");
 }
+
+#[tokio::test]
+async fn an_index_request_outside_the_root_is_refused_and_answered() {
+    let a = start_agent(None);
+    let (out, mut rx) = session(&a).await;
+    out.control(Control::IndexRequest { id: 7, under: vec!["../outside".into()], prune: vec![] }).unwrap();
+    match next_control(&mut rx).await {
+        Control::Error { request: Some(7), fatal: false, message, .. } => {
+            assert!(message.contains("../outside"), "{message}")
+        }
+        other => panic!("expected an error answering request 7, got {other:?}"),
+    }
+    // The request still ends (empty), so a client waiting on it is released.
+    match next_control(&mut rx).await {
+        Control::IndexPart { id: 7, entries, done: true } => assert!(entries.is_empty()),
+        other => panic!("expected the final index part, got {other:?}"),
+    }
+    // The session goes on: a valid index of the root works.
+    std::fs::write(a.root.join("f"), "x").unwrap();
+    out.control(Control::IndexRequest { id: 8, under: vec![String::new()], prune: vec![] }).unwrap();
+    match next_control(&mut rx).await {
+        Control::IndexPart { id: 8, entries, done: true } => {
+            assert_eq!(entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), vec!["f"])
+        }
+        other => panic!("expected the index, got {other:?}"),
+    }
+    out.close(1000, "");
+}
