@@ -11,14 +11,17 @@
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Events waiting for the engine before the callback starts dropping them.
 const QUEUE: usize = 8192;
+/// How often a file that is still being written is reported again.
+const WRITING_REMINDER: Duration = Duration::from_millis(100);
 
 /// What the watcher tells the engine.
 #[derive(Debug)]
@@ -48,6 +51,12 @@ impl Watch {
         let (tx, rx) = mpsc::channel(QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
         let flag = overflow.clone();
+        // Files this callback reported as being written, and when. Further
+        // writes add nothing until they settle, so they are passed on at
+        // most every [`WRITING_REMINDER`] (each would otherwise wake the
+        // engine for nothing); the reminder keeps a file that stays open (a
+        // log) syncing. Bounded: cleared if it ever grows large.
+        let mut writing: HashMap<PathBuf, Instant> = HashMap::new();
         let inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let change = match res {
                 Ok(ev) if ev.need_rescan() => Change::Rescan("the kernel's event queue overflowed".into()),
@@ -56,8 +65,33 @@ impl Watch {
                         return;
                     }
                     match classify(&ev.kind) {
-                        Some(true) => Change::Writing(ev.paths),
-                        Some(false) => Change::Settled(ev.paths),
+                        Some(true) => {
+                            if writing.len() > 4096 {
+                                writing.clear();
+                            }
+                            let now = Instant::now();
+                            let fresh: Vec<PathBuf> = ev
+                                .paths
+                                .into_iter()
+                                .filter(|p| match writing.get(p) {
+                                    Some(t) if now.duration_since(*t) < WRITING_REMINDER => false,
+                                    _ => {
+                                        writing.insert(p.clone(), now);
+                                        true
+                                    }
+                                })
+                                .collect();
+                            if fresh.is_empty() {
+                                return;
+                            }
+                            Change::Writing(fresh)
+                        }
+                        Some(false) => {
+                            for p in &ev.paths {
+                                writing.remove(p);
+                            }
+                            Change::Settled(ev.paths)
+                        }
                         None => return,
                     }
                 }

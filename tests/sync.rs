@@ -293,6 +293,13 @@ fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
         assert!(t0.elapsed() < Duration::from_secs(5), "an open file was never synced\n{}", w.dump());
         std::thread::sleep(Duration::from_millis(10));
     }
+    // ...and keeps syncing while it stays open.
+    log.write_all(b"line 2\n").unwrap();
+    let t0 = Instant::now();
+    while std::fs::read(p.out().join("app.log")).ok().as_deref() != Some(b"line 1\nline 2\n".as_slice()) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "later writes to an open file were never synced\n{}", w.dump());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     drop(log);
 }
 
