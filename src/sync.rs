@@ -351,7 +351,13 @@ impl Engine {
         for p in ignored {
             self.model.remove(&p);
         }
-        self.diff(&src, &self.model.clone(), &pruned)
+        {
+            // Taken out rather than cloned: diff only reads it.
+            let model = std::mem::take(&mut self.model);
+            let plan = self.diff(&src, &model, &pruned);
+            self.model = model;
+            plan
+        }
     }
 
     /// Compares each dirty path with the model. Returns the plan and whether

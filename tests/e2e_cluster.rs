@@ -109,21 +109,9 @@ fn deployment_n(name: &str, image: &str, script: &str, replicas: i32) -> Deploym
     .unwrap()
 }
 
-/// Waits for a running, ready pod with `app=<app>` and returns its name.
+/// Waits for the ready pod of a one-replica `app` and returns its name.
 async fn ready_pod(pods: &Api<Pod>, app: &str) -> String {
-    let t0 = Instant::now();
-    loop {
-        let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.unwrap();
-        for p in list.items {
-            let st = p.status.clone().unwrap_or_default();
-            let ready = st.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            if st.phase.as_deref() == Some("Running") && ready && p.metadata.deletion_timestamp.is_none() {
-                return p.metadata.name.unwrap();
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no ready pod for app={app} in 120 s");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    ready_pods(pods, app, 1).await.remove(0)
 }
 
 /// Runs a command in a pod and returns its stdout; `stdin`, when given, is
@@ -240,12 +228,8 @@ async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Vec<String> {
         let ready: Vec<String> = list
             .items
             .into_iter()
-            .filter(|p| {
-                let st = p.status.clone().unwrap_or_default();
-                p.metadata.deletion_timestamp.is_none()
-                    && st.phase.as_deref() == Some("Running")
-                    && st.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True")
-            })
+            // The same rule devloop itself uses to pick pods.
+            .filter(devloop::target::kubernetes::is_ready)
             .filter_map(|p| p.metadata.name)
             .collect();
         if ready.len() == n {

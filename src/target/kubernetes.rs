@@ -176,7 +176,8 @@ fn match_labels(
     Ok(labels.join(","))
 }
 
-fn is_ready(p: &Pod) -> bool {
+/// A pod devloop syncs into: running, Ready, and not being deleted.
+pub fn is_ready(p: &Pod) -> bool {
     let Some(st) = &p.status else { return false };
     p.metadata.deletion_timestamp.is_none()
         && st.phase.as_deref() == Some("Running")
