@@ -107,6 +107,8 @@ struct RawKubernetes {
     container: Option<String>,
     #[serde(default)]
     context: Option<String>,
+    #[serde(default)]
+    transport: Option<KubeTransport>,
     root: String,
 }
 
@@ -189,7 +191,8 @@ struct RawTrigger {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApp {
-    run: RawCommand,
+    #[serde(default)]
+    run: Option<RawCommand>,
     #[serde(default)]
     workdir: Option<String>,
     #[serde(default)]
@@ -296,6 +299,20 @@ pub struct KubeTarget {
     pub context: Option<String>,
     /// Absolute path in the container.
     pub root: String,
+    pub transport: KubeTransport,
+}
+
+/// How the CLI reaches an agent in a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubeTransport {
+    /// A port-forward to the agent's loopback-only port; the exec stream
+    /// that started the agent stays open as its lifeline. Falls back to
+    /// `exec` when port-forward is refused.
+    #[default]
+    PortForward,
+    /// The agent's stdin/stdout over the exec stream.
+    Exec,
 }
 
 /// How a service's pods are found.
@@ -351,7 +368,10 @@ pub struct Trigger {
 
 #[derive(Debug, Clone)]
 pub struct App {
-    pub spec: AppSpec,
+    /// The process the agent runs; None: the container's own main process
+    /// (Kubernetes Deployments and StatefulSets), restarted in place under
+    /// devloop's restart wrapper so the synced files stay.
+    pub spec: Option<AppSpec>,
     pub restart: bool,
     /// Restart only when a changed path matches; None = any change.
     pub restart_when: Option<PathMatcher>,
@@ -519,6 +539,7 @@ impl Validator<'_> {
                     container: k.container,
                     context: k.context,
                     root: k.root,
+                    transport: k.transport.unwrap_or_default(),
                 })
             }
             RawTargetMap { exec: Some(x), .. } => {
@@ -614,7 +635,20 @@ impl Validator<'_> {
         let app = match rs.app {
             None => None,
             Some(a) => {
-                let command = command_spec(a.run, a.workdir).map_err(|(k, m)| e(&["app", k], m, None))?;
+                let command = match (a.run, &target) {
+                    (Some(run), _) => Some(command_spec(run, a.workdir).map_err(|(k, m)| e(&["app", k], m, None))?),
+                    (None, Target::Kubernetes(KubeTarget { pods: PodSelector::Deployment(_) | PodSelector::StatefulSet(_), .. })) => None,
+                    (None, Target::Kubernetes(_)) => return Err(e(
+                        &["app"],
+                        "restarting the container's own process needs the workload: devloop changes its pod template".into(),
+                        Some("name it with `deployment: NAME` or `statefulset: NAME` in the kubernetes target, or give `run:` for a process the agent runs"),
+                    )),
+                    (None, _) => return Err(e(
+                        &["app"],
+                        "missing `run`".into(),
+                        Some("give the command that runs the app, e.g. `run: [node, server.js]`"),
+                    )),
+                };
                 let restart_when =
                     match a.restart_when {
                         None => None,
@@ -623,7 +657,11 @@ impl Validator<'_> {
                         })?),
                     };
                 Some(App {
-                    spec: AppSpec { command, env: a.env.into_iter().collect(), grace_ms: a.grace_ms.unwrap_or(2000) },
+                    spec: command.map(|command| AppSpec {
+                        command,
+                        env: a.env.into_iter().collect(),
+                        grace_ms: a.grace_ms.unwrap_or(2000),
+                    }),
                     restart: a.restart,
                     restart_when,
                 })

@@ -31,6 +31,9 @@ pub enum Kind {
         agent_version: String,
         pid: u32,
         root: String,
+        /// How the session reaches the agent: `stdio`, `exec` (a pod's
+        /// exec stream) or `port-forward 127.0.0.1:PORT`.
+        via: String,
     },
     /// The session ended; `reason` says how.
     AgentLost {
@@ -109,6 +112,12 @@ pub enum Kind {
     PodLog {
         line: String,
     },
+    /// devloop changed (or restored) a workload in the cluster; `change`
+    /// says what, and how it is undone.
+    WorkloadChanged {
+        workload: String,
+        change: String,
+    },
     Warning {
         message: String,
     },
@@ -180,8 +189,8 @@ pub fn plain(ev: &Event) -> String {
     let who = if ev.service.is_empty() { "devloop".to_string() } else { ev.service.clone() };
     let body = match &ev.kind {
         Kind::AgentStarting { target } => format!("starting agent on {target}"),
-        Kind::AgentConnected { agent_version, pid, root } => {
-            format!("agent {agent_version} connected (pid {pid}, root {root})")
+        Kind::AgentConnected { agent_version, pid, root, via } => {
+            format!("agent {agent_version} connected over {via} (pid {pid}, root {root})")
         }
         Kind::AgentLost { reason } => format!("agent connection lost: {reason}"),
         Kind::Reconnecting { attempt, in_ms } => {
@@ -219,6 +228,7 @@ pub fn plain(ev: &Event) -> String {
         Kind::AppStopped => "app stopped".into(),
         Kind::AppFailed { message } => format!("app failed to start: {message}"),
         Kind::PodLog { line } => format!("log | {line}"),
+        Kind::WorkloadChanged { workload, change } => format!("{workload}: {change}"),
         Kind::Warning { message } => format!("warning: {message}"),
         Kind::Error { message, hint } => match hint {
             Some(h) => format!("error: {message}\n  hint: {h}"),

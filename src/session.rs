@@ -7,7 +7,7 @@ use crate::events::{Kind, Reporter};
 use crate::link::{Link, LinkError};
 use crate::sync::{Engine, LiveEnd};
 use crate::target::kubernetes::{self, KubeError};
-use crate::target::{self, Endpoint, TargetError};
+use crate::target::{self, workload, Endpoint, TargetError};
 use crate::watch::Watch;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,6 +90,9 @@ async fn follow_pods(
         Ok(a) => Arc::new(a),
         Err(e) => return fail(e),
     };
+    if mode == Mode::Watch {
+        wrap_for_restarts(&svc, &k, &cluster, &rep).await;
+    }
     // Per pod: how to stop its session, the session, and its log stream.
     let mut sessions: HashMap<String, PodSession> = HashMap::new();
     let mut waiting_said = false;
@@ -116,6 +119,8 @@ async fn follow_pods(
                         container: k.container.clone(),
                         root: k.root.clone(),
                         agent: agent.clone(),
+                        transport: k.transport,
+                        forward_refused: Default::default(),
                     });
                     let (stop, stop_rx) = watch::channel(false);
                     let prep = rep.for_part(pod);
@@ -165,6 +170,21 @@ async fn follow_pods(
                 return Outcome::Stopped;
             }
         }
+    }
+}
+
+/// Puts devloop's restart wrapper on the workload when the service
+/// restarts the container's own process, or removes one a previous run
+/// left when it no longer does. A failure is reported, and syncing goes on
+/// (restarts then say they could not happen).
+async fn wrap_for_restarts(svc: &Service, k: &KubeTarget, cluster: &kubernetes::Cluster, rep: &Reporter) {
+    let Some(w) = workload::Workload::of(&k.pods) else { return };
+    let want = svc.app.as_ref().is_some_and(|a| a.restart && a.spec.is_none());
+    if let Err(e) = workload::reconcile(cluster, &w, k.container.as_deref(), want, rep).await {
+        rep.send(Kind::Error {
+            message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),
+            hint: e.hint(),
+        });
     }
 }
 
@@ -222,14 +242,34 @@ async fn run_endpoint(
     };
     let mut engine = Engine::new(svc, rep.clone(), watcher);
     let mut attempt: u32 = 0;
+    // An agent that outlived its lost session (its port-forward dropped),
+    // and its token: the next attempt reconnects to it before starting anew.
+    let mut kept: Option<(target::Process, String)> = None;
+    let mut via = String::new();
     loop {
         if *shutdown.borrow() {
+            if let Some((p, _)) = kept.take() {
+                p.stop(Duration::from_millis(500)).await;
+            }
             return Outcome::Stopped;
         }
-        let token = new_token();
-        let started = match target::start(&endpoint, &token, &rep).await {
-            Ok(s) => s,
-            Err(e) => {
+        let reopened = match kept.take() {
+            Some((mut process, token)) => match process.reopen(&rep).await {
+                Some(io) => Some((target::Started { io, process, via: String::new() }, token)),
+                None => {
+                    process.stop(Duration::from_millis(500)).await;
+                    None
+                }
+            },
+            None => None,
+        };
+        let (started, token) = match reopened {
+            Some(r) => r,
+            None => {
+                let token = new_token();
+                match target::start(&endpoint, &token, &rep).await {
+                    Ok(s) => (s, token),
+                    Err(e) => {
                 let fatal = match &e {
                     TargetError::AgentNotFound { .. } => true,
                     TargetError::Kubernetes(k) => matches!(
@@ -242,13 +282,18 @@ async fn run_endpoint(
                 if fatal || mode == Mode::Once {
                     return Outcome::Unreachable;
                 }
-                if backoff(&rep, &mut attempt, &mut shutdown).await {
-                    return Outcome::Stopped;
+                        if backoff(&rep, &mut attempt, &mut shutdown).await {
+                            return Outcome::Stopped;
+                        }
+                        continue;
+                    }
                 }
-                continue;
             }
         };
         let process = started.process;
+        if !started.via.is_empty() {
+            via = started.via;
+        }
         let mut link = match Link::open(started.io, &token, rep.clone()).await {
             Ok(l) => l,
             Err(e) => {
@@ -267,10 +312,11 @@ async fn run_endpoint(
             agent_version: link.agent_version.clone(),
             pid: link.pid,
             root: link.root.clone(),
+            via: via.clone(),
         });
         let result = async {
             let errors = engine.initial_sync(&mut link).await?;
-            link.configure_app(engine.service().app.as_ref().map(|a| a.spec.clone()));
+            link.configure_app(engine.service().app.as_ref().and_then(|a| a.spec.clone()));
             if mode == Mode::Once {
                 return Ok(if errors == 0 { Outcome::InSync } else { Outcome::PathErrors(errors) });
             }
@@ -293,10 +339,14 @@ async fn run_endpoint(
             Err(e) => {
                 rep.send(Kind::AgentLost { reason: error_chain(&e) });
                 drop(link);
-                process.stop(Duration::from_millis(500)).await;
                 if mode == Mode::Once {
+                    process.stop(Duration::from_millis(500)).await;
                     return Outcome::Unreachable;
                 }
+                // The agent may still be there (only the way to it broke):
+                // the next attempt tries to reach it again, then resyncs by
+                // content, so nothing that changed meanwhile is lost.
+                kept = Some((process, token));
                 if backoff(&rep, &mut attempt, &mut shutdown).await {
                     return Outcome::Stopped;
                 }

@@ -195,6 +195,13 @@ impl Engine {
         let mut errors = 0;
         if !plan.is_empty() {
             errors = self.send_plan(link, plan, true, t0).await?;
+            if self.svc.app.as_ref().is_some_and(|a| a.restart && a.spec.is_none()) {
+                // The container's own process started on the image's files,
+                // before these landed: restart it once, now.
+                let restart = vec![crate::target::workload::restart_command()];
+                let pending = link.begin_batch(Vec::new(), restart, false, false).await?;
+                pending.applied.await.map_err(|_| LinkError::Lost("connection closed".into()))??;
+            }
         }
         self.rep.send(Kind::InSync { files, dirs, checked_ms: t0.elapsed().as_secs_f64() * 1e3 });
         Ok(errors)
@@ -622,12 +629,18 @@ impl Engine {
     ) -> Result<BatchOutcome, LinkError> {
         let changed = || writes.iter().map(|w| w.wire.as_str()).chain(deletes.iter().map(String::as_str));
         let matches = |m: &PathMatcher| changed().any(|p| m.is_match(p));
-        let commands: Vec<CommandSpec> =
+        let mut commands: Vec<CommandSpec> =
             self.svc.on_sync.iter().filter(|t| matches(&t.when)).map(|t| t.command.clone()).collect();
         // The initial sync happens before the app is configured (it starts on
         // the synced files), so only live batches restart it.
-        let restart =
+        let mut restart =
             !initial && self.svc.app.as_ref().is_some_and(|a| a.restart && a.restart_when.as_ref().is_none_or(matches));
+        if restart && self.svc.app.as_ref().is_some_and(|a| a.spec.is_none()) {
+            // The container's own process: its restart wrapper restarts it
+            // on SIGHUP, after the other post-sync commands succeeded.
+            commands.push(crate::target::workload::restart_command());
+            restart = false;
+        }
         let bytes: u64 = writes.iter().map(|w| w.size).sum();
         self.batches += 1;
         let files = writes.len() as u64;

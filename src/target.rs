@@ -12,6 +12,7 @@
 pub mod exec;
 pub mod kubernetes;
 pub mod local;
+pub mod workload;
 
 use crate::config::{Target, TokenVia};
 use crate::events::{Kind, Reporter};
@@ -67,6 +68,8 @@ impl TargetError {
 pub struct Started {
     pub io: Box<dyn Io>,
     pub process: Process,
+    /// How the stream reaches the agent, for people (`agent_connected`).
+    pub via: String,
 }
 
 /// The process behind a connection: a local child (the agent itself, or
@@ -80,11 +83,27 @@ enum ProcessKind {
     Local(Child),
     /// The exec stream, and the tasks forwarding its output.
     Remote(kube::api::AttachedProcess, Vec<tokio::task::JoinHandle<()>>),
+    /// An agent listening in a pod, reached through a port-forward.
+    Forwarded(Box<kubernetes::Forwarded>),
 }
 
 impl Process {
     fn remote(p: kube::api::AttachedProcess, forwarders: Vec<tokio::task::JoinHandle<()>>) -> Process {
         Process { kind: ProcessKind::Remote(p, forwarders) }
+    }
+
+    fn forwarded(f: kubernetes::Forwarded) -> Process {
+        Process { kind: ProcessKind::Forwarded(Box::new(f)) }
+    }
+
+    /// A new stream to the same agent, when the process can give one: a
+    /// dropped port-forward is opened again while the agent lives on (its
+    /// lifeline, the exec stream, is separate). None means start afresh.
+    pub async fn reopen(&mut self, rep: &Reporter) -> Option<Box<dyn Io>> {
+        match &mut self.kind {
+            ProcessKind::Forwarded(f) => f.reopen(rep).await,
+            _ => None,
+        }
     }
 
     /// Waits for the process to end after the session closed, then kills
@@ -109,6 +128,9 @@ impl Process {
                     f.abort();
                 }
             }
+            // Closing the exec stream closes the agent's stdin, its
+            // lifeline: it stops its app and exits.
+            ProcessKind::Forwarded(mut f) => f.stop(),
         }
     }
 }
@@ -180,5 +202,7 @@ async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporte
             rep.send(Kind::AgentLog { line });
         }
     });
-    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { kind: ProcessKind::Local(child) } })
+    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { kind: ProcessKind::Local(child) },
+        via: "stdio".into(),
+    })
 }

@@ -17,8 +17,13 @@ usage: devloop-agent serve --root DIR (--stdio | --listen 127.0.0.1:PORT)
        devloop-agent version
 
 The session token comes from the DEVLOOP_AGENT_TOKEN environment variable,
-a file (--token-file), or the first line of stdin (--token-stdin, with
---stdio); never from the command line, where other users could read it.";
+a file (--token-file), or the first line of stdin (--token-stdin); never
+from the command line, where other users could read it.
+
+With --listen and --token-stdin, stdin is the agent's lifeline: when it
+closes (the exec stream that started the agent in a pod is gone, because
+devloop stopped or crashed), the agent stops its app and exits, so nothing
+is left running behind a dead CLI.";
 
 enum Listen {
     Stdio,
@@ -66,9 +71,6 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     }
     let root = root.ok_or("--root DIR is required")?;
     let listen = listen.ok_or("one of --stdio or --listen 127.0.0.1:PORT is required")?;
-    if token_stdin && !matches!(listen, Listen::Stdio) {
-        return Err("--token-stdin only works with --stdio".into());
-    }
     Ok(Some(Args { root, listen, token_file, token_stdin }))
 }
 
@@ -159,6 +161,7 @@ fn main() -> ExitCode {
             Listen::Tcp(a) => Some(a),
             Listen::Stdio => None,
         },
+        lifeline: args.token_stdin && !matches!(args.listen, Listen::Stdio),
     }));
     // Do not wait for blocked stdin readers: the session is over.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

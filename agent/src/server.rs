@@ -23,6 +23,8 @@ pub struct Config {
     pub token: String,
     pub stdio: bool,
     pub addr: Option<SocketAddr>,
+    /// Exit when stdin reaches end of file (see `--token-stdin` in main).
+    pub lifeline: bool,
 }
 
 /// What every session shares.
@@ -68,6 +70,8 @@ pub async fn run(cfg: Config) -> ExitCode {
             shared.root.display()
         );
         tokio::pin!(stop);
+        let lifeline = lifeline_cut(cfg.lifeline);
+        tokio::pin!(lifeline);
         loop {
             tokio::select! {
                 a = listener.accept() => match a {
@@ -78,11 +82,33 @@ pub async fn run(cfg: Config) -> ExitCode {
                     Err(e) => eprintln!("devloop-agent: accept failed: {e}"),
                 },
                 _ = &mut stop => break ExitCode::SUCCESS,
+                _ = &mut lifeline => {
+                    eprintln!("devloop-agent: stdin closed (devloop is gone); exiting");
+                    break ExitCode::SUCCESS;
+                }
             }
         }
     };
     shared.app.shutdown().await;
     code
+}
+
+/// Resolves when stdin reaches end of file (or fails), if `on`; never
+/// otherwise. Read on a thread of its own: the runtime has one thread, and
+/// the bytes (none are expected) are discarded.
+async fn lifeline_cut(on: bool) {
+    if !on {
+        return std::future::pending().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 async fn shutdown_signal() {

@@ -1,17 +1,23 @@
 //! The Kubernetes target: find a service's ready pods, inject the static
 //! agent into the chosen container through the exec API, and speak the
-//! devloop protocol over an exec stream's stdin/stdout.
+//! devloop protocol through a port-forward to the agent's loopback-only
+//! port (or, as the fallback, over the exec stream's stdin/stdout).
 //!
 //! Only what a developer normally may do in their namespace is used: get
-//! and list pods, Deployments and StatefulSets, and `pods/exec`. Nothing in
-//! the cluster is created or changed by this module; the agent binary and
-//! its process live in the container's /tmp and go with the container.
+//! and list pods, Deployments and StatefulSets, `pods/exec` and
+//! `pods/portforward`. Nothing in the cluster is created or changed by this
+//! module; the agent binary and its process live in the container's /tmp
+//! and go with the container.
+//!
+//! With port-forward, the exec stream that started the agent stays open as
+//! its lifeline: the agent exits when it closes (devloop stopped or died),
+//! while a dropped port-forward is simply opened again.
 //!
 //! Exec stdin is always framed (`head -c N`): some clusters' exec cannot
 //! half-close stdin, so a reader waiting for EOF would wait forever.
 
 use super::{Process, Started, TargetError};
-use crate::config::{KubeTarget, PodSelector};
+use crate::config::{KubeTarget, KubeTransport, PodSelector};
 use crate::events::{Kind, Reporter};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
@@ -20,6 +26,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -63,7 +70,7 @@ impl KubeError {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
             KubeError::Config(_) => "set KUBECONFIG (or ~/.kube/config) to a cluster, or name `context:` in the kubernetes target".into(),
-            KubeError::Forbidden { .. } => "ask for a Role granting get/list on pods, deployments and statefulsets and create on pods/exec in this namespace".into(),
+            KubeError::Forbidden { .. } => "ask for the Role `devloop doctor` prints (get/list on pods, deployments and statefulsets, create on pods/exec and pods/portforward) in this namespace".into(),
             KubeError::NotFound { .. } => "check `namespace:` and the workload's name in the kubernetes target".into(),
             KubeError::Api { .. } => "check that the cluster is reachable (the cause is above)".into(),
             KubeError::Unsupported { .. } => "the container needs `sh` and `head` (images without a shell are not supported yet)".into(),
@@ -78,7 +85,7 @@ impl KubeError {
     }
 }
 
-fn api_err(what: impl Into<String>, e: kube::Error) -> KubeError {
+pub(crate) fn api_err(what: impl Into<String>, e: kube::Error) -> KubeError {
     let what = what.into();
     match &e {
         kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden { what, message: s.message.clone() },
@@ -228,6 +235,9 @@ pub struct PodEndpoint {
     pub container: Option<String>,
     pub root: String,
     pub agent: Arc<AgentImage>,
+    pub transport: KubeTransport,
+    /// Set once a port-forward was refused: later starts use exec.
+    pub forward_refused: AtomicBool,
 }
 
 impl PodEndpoint {
@@ -238,7 +248,7 @@ impl PodEndpoint {
 
 /// Runs a command in the container; returns its stdout. `stdin` must be
 /// read by the command by length (it is never closed).
-async fn exec(
+pub(crate) async fn exec_output(
     c: &Cluster,
     pod: &str,
     container: &str,
@@ -299,7 +309,7 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     // One round trip: the architecture, then the checksum of an agent of
     // this build if one is already there (reused when it matches).
     let probe = format!("uname -m; [ -x {remote} ] && sha256sum {remote} 2>/dev/null | cut -c1-64");
-    let out = exec(&ep.cluster, &ep.pod, container, &["sh", "-c", &probe], None).await?;
+    let out = exec_output(&ep.cluster, &ep.pod, container, &["sh", "-c", &probe], None).await?;
     let mut lines = out.lines();
     let arch = lines.next().unwrap_or("").trim();
     if arch.is_empty() {
@@ -319,7 +329,7 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     let upload = format!(
         "head -c {n} > {remote}.part && chmod 755 {remote}.part && mv {remote}.part {remote} && sha256sum {remote} | cut -c1-64"
     );
-    let got = exec(&ep.cluster, &ep.pod, container, &["sh", "-c", &upload], Some(&ep.agent.bytes)).await?;
+    let got = exec_output(&ep.cluster, &ep.pod, container, &["sh", "-c", &upload], Some(&ep.agent.bytes)).await?;
     if got.trim() != ep.agent.sha256 {
         return Err(KubeError::Checksum { pod: ep.pod.clone(), got: got.trim().into(), want: ep.agent.sha256.clone() });
     }
@@ -334,7 +344,7 @@ pub async fn remove_agent(c: &Cluster, pod: &str, configured: Option<&str>) -> R
         for p in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in \
         /tmp/devloop-agent-*) kill ${p#/proc/} 2>/dev/null;; esac; done; \
         rm -f /tmp/devloop-agent-*; echo $n";
-    let out = exec(c, pod, &container, &["sh", "-c", script], None).await?;
+    let out = exec_output(c, pod, &container, &["sh", "-c", script], None).await?;
     Ok(out.trim().parse().unwrap_or(0))
 }
 
@@ -373,37 +383,221 @@ pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHand
     })
 }
 
-/// Injects and starts the agent in the pod, over an exec stream.
+/// Injects and starts the agent in the pod, and connects to it the way the
+/// target says: port-forward by default (falling back to the exec stream
+/// when the cluster refuses port-forwards), or the exec stream.
 pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
     let wrap = |e: KubeError| TargetError::Kubernetes(Box::new(e));
     let container = container(&ep.cluster, &ep.pod, ep.container.as_deref()).await.map_err(wrap)?;
     let remote = inject(ep, &container, rep).await.map_err(wrap)?;
+    if ep.transport == KubeTransport::PortForward && !ep.forward_refused.load(Ordering::Relaxed) {
+        match start_forwarded(ep, &container, &remote, token, rep).await {
+            Ok(s) => return Ok(s),
+            Err(Step::Start(e)) => return Err(wrap(e)),
+            Err(Step::Forward(e)) => {
+                rep.send(Kind::Warning {
+                    message: format!(
+                        "{}; using the exec stream instead (set `transport: exec` to skip trying)",
+                        crate::session::error_chain(&e)
+                    ),
+                });
+                ep.forward_refused.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    start_stdio(ep, &container, remote, token, rep).await.map_err(wrap)
+}
+
+/// Which step of a port-forwarded start failed: starting the agent is an
+/// error; the port-forward itself can fall back to the exec stream.
+enum Step {
+    Start(KubeError),
+    Forward(KubeError),
+}
+
+/// How long the agent may take to print its readiness line.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Starts the agent listening on a loopback port in the pod, with the exec
+/// stream as its lifeline (and its stderr as log lines), then opens a
+/// port-forward to that port.
+async fn start_forwarded(
+    ep: &PodEndpoint,
+    container: &str,
+    remote: &str,
+    token: &str,
+    rep: &Reporter,
+) -> Result<Started, Step> {
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
-    let ap = AttachParams::default().container(&container).stdin(true).stdout(true).stderr(true);
-    let cmd = vec![remote, "serve".into(), "--stdio".into(), "--token-stdin".into(), "--root".into(), ep.root.clone()];
+    let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
+    let cmd = [remote, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", &ep.root];
     let mut p = pods
-        .exec(&ep.pod, cmd, &ap)
+        .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
         .await
-        .map_err(|e| wrap(api_err(format!("start the agent in pod {}", ep.pod), e)))?;
+        .map_err(|e| Step::Start(api_err(format!("start the agent in pod {}", ep.pod), e)))?;
     let (Some(mut stdin), Some(stdout)) = (p.stdin(), p.stdout()) else {
-        return Err(wrap(KubeError::Unsupported {
+        return Err(Step::Start(KubeError::Unsupported {
             what: format!("exec in pod {}", ep.pod),
             message: "no stdio".into(),
         }));
     };
-    stdin
-        .write_all(format!("{token}\n").as_bytes())
-        .await
-        .map_err(|source| TargetError::Token { command: ep.describe(), source })?;
-    let mut forwarders = Vec::new();
-    if let Some(stderr) = p.stderr() {
-        let rep = rep.clone();
-        forwarders.push(tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                rep.send(Kind::AgentLog { line });
-            }
+    let _ = stdin.write_all(format!("{token}\n").as_bytes()).await;
+    let _ = stdin.flush().await;
+    let forwarders = forward_stderr(&mut p, rep);
+    // "devloop-agent V protocol N listening on 127.0.0.1:PORT root DIR"
+    let mut out = BufReader::new(stdout);
+    let mut line = String::new();
+    let read = tokio::time::timeout(READY_TIMEOUT, out.read_line(&mut line)).await;
+    let port = line
+        .split_once(" listening on ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port());
+    let Some(port) = port else {
+        p.abort();
+        for f in &forwarders {
+            f.abort();
+        }
+        return Err(Step::Start(match read {
+            Err(_) => KubeError::Timeout {
+                pod: ep.pod.clone(),
+                command: format!("{remote} serve --listen"),
+                secs: READY_TIMEOUT.as_secs(),
+            },
+            Ok(_) => KubeError::Unsupported {
+                what: format!("the agent in pod {}", ep.pod),
+                message: format!("it did not say where it listens (it printed {:?}; its own messages are above)", line.trim()),
+            },
         }));
+    };
+    // The agent prints nothing more on stdout; this task ends when the agent
+    // does, which tells `reopen` not to bother.
+    let alive = tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut out, &mut sink).await;
+    });
+    let mut f = Forwarded { exec: p, stdin: Box::new(stdin), forwarders, alive, pods, pod: ep.pod.clone(), port, pf: None };
+    match f.open().await {
+        Ok(io) => Ok(Started { io, process: Process::forwarded(f), via: format!("port-forward 127.0.0.1:{port}") }),
+        Err(e) => {
+            f.stop();
+            Err(Step::Forward(e))
+        }
     }
-    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process::remote(p, forwarders) })
+}
+
+/// An agent listening in a pod: the exec stream that started it (its
+/// lifeline), and the port-forward to it.
+pub struct Forwarded {
+    exec: kube::api::AttachedProcess,
+    /// Held open: when it closes, the agent exits.
+    stdin: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+    /// Ends when the agent's stdout does, i.e. when the agent is gone.
+    alive: tokio::task::JoinHandle<()>,
+    pods: Api<Pod>,
+    pod: String,
+    port: u16,
+    pf: Option<kube::api::Portforwarder>,
+}
+
+/// How long opening a port-forward may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Forwarded {
+    /// Opens a port-forward to the agent's port.
+    async fn open(&mut self) -> Result<Box<dyn super::Io>, KubeError> {
+        if let Some(old) = self.pf.take() {
+            old.abort();
+        }
+        let what = format!("port-forward to port {} of pod {}", self.port, self.pod);
+        let mut pf = tokio::time::timeout(FORWARD_TIMEOUT, self.pods.portforward(&self.pod, &[self.port]))
+            .await
+            .map_err(|_| KubeError::Timeout {
+                pod: self.pod.clone(),
+                command: "port-forward".into(),
+                secs: FORWARD_TIMEOUT.as_secs(),
+            })?
+            .map_err(|e| api_err(what.clone(), e))?;
+        let io = pf
+            .take_stream(self.port)
+            .ok_or_else(|| KubeError::Unsupported { what, message: "the port-forward has no stream".into() })?;
+        self.pf = Some(pf);
+        Ok(Box::new(io))
+    }
+
+    /// A new port-forward to the same agent, if it is still running.
+    pub async fn reopen(&mut self, rep: &Reporter) -> Option<Box<dyn super::Io>> {
+        if self.alive.is_finished() {
+            return None;
+        }
+        match self.open().await {
+            Ok(io) => {
+                rep.send(Kind::AgentLog {
+                    line: format!("port-forward to the agent in pod {} opened again", self.pod),
+                });
+                Some(io)
+            }
+            Err(e) => {
+                rep.send(Kind::Warning { message: crate::session::error_chain(&e) });
+                None
+            }
+        }
+    }
+
+    /// Closes the port-forward and the exec stream; the agent, its stdin
+    /// gone, exits.
+    pub fn stop(&mut self) {
+        if let Some(pf) = self.pf.take() {
+            pf.abort();
+        }
+        let _ = &self.stdin;
+        self.exec.abort();
+        self.alive.abort();
+        for f in &self.forwarders {
+            f.abort();
+        }
+    }
+}
+
+/// Passes the agent's stderr on as log lines.
+fn forward_stderr(p: &mut kube::api::AttachedProcess, rep: &Reporter) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(stderr) = p.stderr() else { return Vec::new() };
+    let rep = rep.clone();
+    vec![tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rep.send(Kind::AgentLog { line });
+        }
+    })]
+}
+
+/// Starts the agent with the exec stream's stdio as its connection.
+async fn start_stdio(
+    ep: &PodEndpoint,
+    container: &str,
+    remote: String,
+    token: &str,
+    rep: &Reporter,
+) -> Result<Started, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+    let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
+    let cmd = vec![remote, "serve".into(), "--stdio".into(), "--token-stdin".into(), "--root".into(), ep.root.clone()];
+    let mut p =
+        pods.exec(&ep.pod, cmd, &ap).await.map_err(|e| api_err(format!("start the agent in pod {}", ep.pod), e))?;
+    let (Some(mut stdin), Some(stdout)) = (p.stdin(), p.stdout()) else {
+        return Err(KubeError::Unsupported { what: format!("exec in pod {}", ep.pod), message: "no stdio".into() });
+    };
+    if let Err(e) = stdin.write_all(format!("{token}\n").as_bytes()).await {
+        return Err(KubeError::Unsupported {
+            what: format!("exec in pod {}", ep.pod),
+            message: format!("cannot hand the agent its token: {e}"),
+        });
+    }
+    let forwarders = forward_stderr(&mut p, rep);
+    Ok(Started {
+        io: Box::new(tokio::io::join(stdout, stdin)),
+        process: Process::remote(p, forwarders),
+        via: "exec".into(),
+    })
 }

@@ -1,0 +1,266 @@
+//! The restart wrapper: how devloop restarts a container's own process
+//! after a sync without the container restarting (which would discard its
+//! writable layer, and the synced files with it).
+//!
+//! devloop patches the Deployment's (or StatefulSet's) pod template so the
+//! container runs its original command under a small `sh` loop, PID 1 of
+//! the container, that restarts the command on SIGHUP and otherwise exits
+//! with it (so crashes still restart the container, as before). The
+//! original `command`/`args` are recorded in the annotation
+//! [`ANNOTATION`] on the workload; `devloop down`, and the next start of a
+//! devloop whose config no longer asks for restarts, put them back. A
+//! start that finds the wrapper already there (a crash of the previous
+//! run) keeps it instead of wrapping it twice.
+
+use super::kubernetes::{api_err, exec_output, is_ready, Cluster, KubeError};
+use crate::config::PodSelector;
+use crate::events::{Kind, Reporter};
+use devloop_agent::protocol::CommandSpec;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Where the original command is recorded.
+pub const ANNOTATION: &str = "devloop.dev/restart-wrapper";
+
+/// `$0` of the wrapper: how it is recognised in a process list.
+const WRAPPER_NAME: &str = "devloop-restart";
+
+/// Where the wrapper writes its PID (its own container's /tmp): the
+/// restart command signals that process and nothing else, so a container
+/// without the wrapper is never sent a SIGHUP it would die of.
+const PID_FILE: &str = "/tmp/devloop-restart-wrapper.pid";
+
+/// The wrapper. `"$@"` is the original command. Non-interactive shells
+/// start background jobs with SIGINT ignored, so SIGTERM is what it sends.
+const WRAPPER: &str = r#"echo $$ > /tmp/devloop-restart-wrapper.pid 2>/dev/null
+restart=0; stop=0; pid=
+trap 'restart=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' HUP
+trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
+while :; do
+  "$@" &
+  pid=$!
+  wait "$pid"; st=$?
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; st=$?; done
+  if [ "$restart" = 1 ] && [ "$stop" = 0 ]; then
+    restart=0
+    echo "devloop: restarting $1 after a sync" >&2
+    continue
+  fi
+  exit "$st"
+done"#;
+
+/// The post-sync command that restarts the wrapped process.
+pub fn restart_command() -> CommandSpec {
+    CommandSpec {
+        shell: Some(format!(
+            "if read pid < {PID_FILE}; then kill -HUP \"$pid\"; \
+             else echo 'devloop: this container has no restart wrapper (yet); not restarted' >&2; fi 2>/dev/null \
+             # devloop: restart the container's process"
+        )),
+        argv: Vec::new(),
+        workdir: String::new(),
+    }
+}
+
+/// What the annotation records: the container and its original fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Original {
+    pub container: String,
+    pub command: Option<Vec<String>>,
+    pub args: Option<Vec<String>>,
+}
+
+/// A workload devloop may patch.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    Deployment(String),
+    StatefulSet(String),
+}
+
+impl Workload {
+    pub fn of(sel: &PodSelector) -> Option<Workload> {
+        match sel {
+            PodSelector::Deployment(d) => Some(Workload::Deployment(d.clone())),
+            PodSelector::StatefulSet(s) => Some(Workload::StatefulSet(s.clone())),
+            _ => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Workload::Deployment(n) => format!("deployment/{n}"),
+            Workload::StatefulSet(n) => format!("statefulset/{n}"),
+        }
+    }
+
+    /// Its annotations and pod template.
+    async fn get(&self, c: &Cluster) -> Result<(BTreeMap<String, String>, PodTemplateSpec), KubeError> {
+        let what = format!("{} in {}", self.describe(), c.namespace);
+        let (meta, template) = match self {
+            Workload::Deployment(n) => {
+                let d = Api::<Deployment>::namespaced(c.client.clone(), &c.namespace)
+                    .get(n)
+                    .await
+                    .map_err(|e| api_err(what, e))?;
+                (d.metadata, d.spec.map(|s| s.template))
+            }
+            Workload::StatefulSet(n) => {
+                let s = Api::<StatefulSet>::namespaced(c.client.clone(), &c.namespace)
+                    .get(n)
+                    .await
+                    .map_err(|e| api_err(what, e))?;
+                (s.metadata, s.spec.map(|s| s.template))
+            }
+        };
+        Ok((meta.annotations.unwrap_or_default(), template.unwrap_or_default()))
+    }
+
+    /// A strategic merge patch of the workload.
+    async fn patch(&self, c: &Cluster, body: serde_json::Value) -> Result<(), KubeError> {
+        let pp = PatchParams::default();
+        let what = format!("patch {} in {}", self.describe(), c.namespace);
+        let r = match self {
+            Workload::Deployment(n) => Api::<Deployment>::namespaced(c.client.clone(), &c.namespace)
+                .patch(n, &pp, &Patch::Strategic(body))
+                .await
+                .map(drop),
+            Workload::StatefulSet(n) => Api::<StatefulSet>::namespaced(c.client.clone(), &c.namespace)
+                .patch(n, &pp, &Patch::Strategic(body))
+                .await
+                .map(drop),
+        };
+        r.map_err(|e| api_err(what, e))
+    }
+}
+
+/// What [`reconcile`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Done {
+    /// The wrapper was put in place (the pods roll out).
+    Wrapped,
+    /// It was there already.
+    Kept,
+    /// A recorded wrapper was removed (config no longer asks for it).
+    Restored,
+    /// Nothing to do.
+    Nothing,
+}
+
+/// Puts the restart wrapper in place on the workload's container (`want`),
+/// or removes one a previous run left (`!want`).
+pub async fn reconcile(
+    c: &Cluster,
+    w: &Workload,
+    container: Option<&str>,
+    want: bool,
+    rep: &Reporter,
+) -> Result<Done, KubeError> {
+    let (annotations, template) = w.get(c).await?;
+    let recorded: Option<Original> = annotations.get(ANNOTATION).and_then(|v| serde_json::from_str(v).ok());
+    let spec = template.spec.unwrap_or_default();
+    let chosen = match container {
+        Some(name) => spec.containers.iter().find(|k| k.name == name),
+        None => spec.containers.first(),
+    };
+    let Some(chosen) = chosen else {
+        return Err(KubeError::NoContainer {
+            pod: format!("the pod template of {}", w.describe()),
+            container: container.unwrap_or("(any)").into(),
+            have: spec.containers.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    };
+    match (&recorded, want) {
+        (Some(r), true) if r.container == chosen.name => return Ok(Done::Kept),
+        (None, false) => return Ok(Done::Nothing),
+        (Some(_), _) => {
+            restore(c, w, rep).await?;
+            if !want {
+                return Ok(Done::Restored);
+            }
+        }
+        (None, true) => {}
+    }
+    // The command to wrap: the container's own, or, when the pod template
+    // leaves it to the image, what a running pod's PID 1 was started with.
+    let argv = match &chosen.command {
+        Some(cmd) => cmd.iter().chain(chosen.args.iter().flatten()).cloned().collect(),
+        None => running_argv(c, w, &chosen.name).await?,
+    };
+    let original = Original { container: chosen.name.clone(), command: chosen.command.clone(), args: chosen.args.clone() };
+    let mut command = vec!["/bin/sh".to_string(), "-c".into(), WRAPPER.into(), WRAPPER_NAME.into()];
+    command.extend(argv);
+    let body = serde_json::json!({
+        "metadata": {"annotations": {ANNOTATION: serde_json::to_string(&original).unwrap_or_default()}},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": chosen.name, "command": command, "args": null}
+        ]}}}
+    });
+    w.patch(c, body).await?;
+    rep.send(Kind::WorkloadChanged {
+        workload: w.describe(),
+        change: format!(
+            "container `{}` now runs under devloop's restart wrapper so a restart keeps the synced files \
+             (recorded in annotation {ANNOTATION}; `devloop down` restores it); its pods roll out",
+            chosen.name
+        ),
+    });
+    Ok(Done::Wrapped)
+}
+
+/// Puts back what the annotation recorded, if anything. Returns whether
+/// there was something to restore.
+pub async fn restore(c: &Cluster, w: &Workload, rep: &Reporter) -> Result<bool, KubeError> {
+    let (annotations, _) = w.get(c).await?;
+    let Some(raw) = annotations.get(ANNOTATION) else { return Ok(false) };
+    let original: Original = serde_json::from_str(raw).map_err(|e| KubeError::Unsupported {
+        what: format!("annotation {ANNOTATION} on {}", w.describe()),
+        message: format!("it does not parse ({e}); remove it and set the container's command by hand"),
+    })?;
+    let body = serde_json::json!({
+        "metadata": {"annotations": {ANNOTATION: null}},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": original.container, "command": original.command, "args": original.args}
+        ]}}}
+    });
+    w.patch(c, body).await?;
+    rep.send(Kind::WorkloadChanged {
+        workload: w.describe(),
+        change: format!("container `{}` restored to its own command; its pods roll out", original.container),
+    });
+    Ok(true)
+}
+
+/// The argv of PID 1 in the container of a ready pod of the workload.
+async fn running_argv(c: &Cluster, w: &Workload, container: &str) -> Result<Vec<String>, KubeError> {
+    let (_, template) = w.get(c).await?;
+    let labels: Vec<String> = template
+        .metadata
+        .and_then(|m| m.labels)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&labels.join(",")))
+        .await
+        .map_err(|e| api_err(format!("list the pods of {}", w.describe()), e))?;
+    let pod = list.items.into_iter().filter(is_ready).find_map(|p| p.metadata.name).ok_or_else(|| {
+        KubeError::Unsupported {
+            what: w.describe(),
+            message: "its container gives no `command`, and no pod is ready to read the image's from".into(),
+        }
+    })?;
+    let raw = exec_output(c, &pod, container, &["cat", "/proc/1/cmdline"], None).await?;
+    let argv: Vec<String> = raw.split('\0').filter(|s| !s.is_empty()).map(String::from).collect();
+    if argv.is_empty() || argv[0].ends_with("/pause") {
+        return Err(KubeError::Unsupported {
+            what: format!("{} (pod {pod})", w.describe()),
+            message: "cannot read the container's command from /proc/1/cmdline (a shared process namespace?)".into(),
+        });
+    }
+    Ok(argv)
+}
