@@ -1,12 +1,16 @@
 //! `devloop doctor` and `devloop down`: checks that each service's target
 //! can be used, and removes what devloop put into a cluster.
 //!
-//! Today devloop changes no Kubernetes object: what it leaves behind is the
-//! agent binary in each container's /tmp (reused by the next run) and, after
-//! a crash, possibly an agent process. `down` removes both.
+//! What devloop leaves in a cluster: the agent binary in each container's
+//! /tmp (reused by the next run), after a crash possibly an agent process,
+//! and, for a service that restarts the container's own process, the
+//! restart wrapper on its workload (recorded in an annotation) and the
+//! ReplicaSet that rollout made. `down` removes them all and restores the
+//! workload.
 
 use crate::config::{Service, Target};
 use crate::target::kubernetes::{self, Cluster, KubeError};
+use crate::target::workload;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use kube::api::{Api, PostParams};
 
@@ -24,10 +28,49 @@ pub const NEEDS: &[Need] = &[
     Need { verb: "get", group: "", resource: "pods", subresource: "", why: "read a pod's containers" },
     Need { verb: "list", group: "", resource: "pods", subresource: "", why: "find the ready pods" },
     Need { verb: "create", group: "", resource: "pods", subresource: "exec", why: "inject and run the agent" },
+    Need {
+        verb: "create",
+        group: "",
+        resource: "pods",
+        subresource: "portforward",
+        why: "reach the agent (else devloop falls back to exec)",
+    },
     Need { verb: "get", group: "", resource: "pods", subresource: "log", why: "stream the container's log" },
     Need { verb: "get", group: "apps", resource: "deployments", subresource: "", why: "resolve `deployment:`" },
     Need { verb: "get", group: "apps", resource: "statefulsets", subresource: "", why: "resolve `statefulset:`" },
 ];
+
+/// What restarting a container's own process adds.
+pub const RESTART_NEEDS: &[Need] = &[
+    Need {
+        verb: "patch",
+        group: "apps",
+        resource: "deployments",
+        subresource: "",
+        why: "put the restart wrapper on a Deployment",
+    },
+    Need {
+        verb: "patch",
+        group: "apps",
+        resource: "statefulsets",
+        subresource: "",
+        why: "put the restart wrapper on a StatefulSet",
+    },
+    Need { verb: "list", group: "apps", resource: "replicasets", subresource: "", why: "find the wrapper's rollout" },
+    Need {
+        verb: "delete",
+        group: "apps",
+        resource: "replicasets",
+        subresource: "",
+        why: "remove the wrapper's rollout on `down`",
+    },
+];
+
+/// What a service needs.
+pub fn needs(svc: &Service) -> Vec<&'static Need> {
+    let restarts = svc.app.as_ref().is_some_and(|a| a.spec.is_none());
+    NEEDS.iter().chain(RESTART_NEEDS.iter().filter(|_| restarts)).collect()
+}
 
 /// Asks the API server whether the current user may do `need` in `ns`.
 pub async fn allowed(c: &Cluster, need: &Need) -> Result<bool, kube::Error> {
@@ -46,29 +89,26 @@ pub async fn allowed(c: &Cluster, need: &Need) -> Result<bool, kube::Error> {
     Ok(r.status.is_some_and(|s| s.allowed))
 }
 
-/// The smallest Role granting [`NEEDS`] in `ns`.
-pub fn minimal_role(ns: &str) -> String {
-    format!(
-        "apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata:
-  name: devloop
-  namespace: {ns}
-rules:
-- apiGroups: [\"\"]
-  resources: [pods]
-  verbs: [get, list]
-- apiGroups: [\"\"]
-  resources: [pods/exec]
-  verbs: [create]
-- apiGroups: [\"\"]
-  resources: [pods/log]
-  verbs: [get]
-- apiGroups: [apps]
-  resources: [deployments, statefulsets]
-  verbs: [get]
-"
-    )
+/// The smallest Role granting `needs` in `ns`: one rule per API group and
+/// resource, with its verbs.
+pub fn minimal_role(ns: &str, needs: &[&Need]) -> String {
+    let mut rules: Vec<(&str, String, Vec<&str>)> = Vec::new();
+    for n in needs {
+        let res =
+            if n.subresource.is_empty() { n.resource.to_string() } else { format!("{}/{}", n.resource, n.subresource) };
+        match rules.iter_mut().find(|(g, r, _)| *g == n.group && *r == res) {
+            Some((_, _, verbs)) if !verbs.contains(&n.verb) => verbs.push(n.verb),
+            Some(_) => {}
+            None => rules.push((n.group, res, vec![n.verb])),
+        }
+    }
+    let mut out = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: devloop\n  namespace: {ns}\nrules:\n"
+    );
+    for (group, res, verbs) in rules {
+        out.push_str(&format!("- apiGroups: [\"{group}\"]\n  resources: [{res}]\n  verbs: [{}]\n", verbs.join(", ")));
+    }
+    out
 }
 
 /// Checks one service; prints a report; returns whether all is well.
@@ -121,7 +161,8 @@ pub async fn check(svc: &Service) -> bool {
                 }
             }
             let mut denied = false;
-            for need in NEEDS {
+            let needs = needs(svc);
+            for need in &needs {
                 let what = if need.subresource.is_empty() {
                     format!("{} {}", need.verb, need.resource)
                 } else {
@@ -153,7 +194,7 @@ pub async fn check(svc: &Service) -> bool {
             }
             if denied {
                 println!("  The smallest Role that grants what devloop needs (bind it to your user):\n");
-                for line in minimal_role(&c.namespace).lines() {
+                for line in minimal_role(&c.namespace, &needs).lines() {
                     println!("    {line}");
                 }
             }
@@ -183,18 +224,44 @@ pub async fn down(svc: &Service) -> bool {
         }
     };
     let mut ok = true;
+    let fail = |what: &str, e: KubeError| {
+        println!("{}: {what}: {}\n  hint: {}", svc.name, crate::session::error_chain(&e), e.hint().unwrap_or_default());
+    };
     for pod in pods {
         match kubernetes::remove_agent(&c, &pod, k.container.as_deref()).await {
             Ok(0) => println!("{}: {pod}: nothing to remove", svc.name),
             Ok(n) => println!("{}: {pod}: removed {n} agent file(s) and stopped any agent", svc.name),
             Err(e) => {
                 ok = false;
-                println!(
-                    "{}: {pod}: {}\n  hint: {}",
-                    svc.name,
-                    crate::session::error_chain(&e),
-                    e.hint().unwrap_or_default()
-                );
+                fail(&pod, e);
+            }
+        }
+    }
+    // The workload last: restoring it rolls its pods out.
+    if let Some(w) = workload::Workload::of(&k.pods) {
+        let name = w.describe();
+        match workload::restore(&c, &w).await {
+            Ok(Some(container)) => println!(
+                "{}: {name}: restored container `{container}` to its own command (removed the restart wrapper)",
+                svc.name
+            ),
+            Ok(None) => println!("{}: {name}: no restart wrapper to remove", svc.name),
+            Err(e) => {
+                ok = false;
+                fail(&name, e);
+            }
+        }
+        match workload::remove_wrapper_rollouts(&c, &w).await {
+            Ok((0, 0)) => {}
+            Ok((n, 0)) => println!("{}: {name}: deleted {n} ReplicaSet(s) of the wrapper's rollout", svc.name),
+            Ok((n, busy)) => println!(
+                "{}: {name}: deleted {n} ReplicaSet(s) of the wrapper's rollout; {busy} still scaling down \
+                 (run `devloop down` again when the rollout is done)",
+                svc.name
+            ),
+            Err(e) => {
+                ok = false;
+                fail(&name, e);
             }
         }
     }

@@ -28,6 +28,12 @@ struct Cli {
     /// Print events as NDJSON (one JSON object per line) for editors and scripts.
     #[arg(long, global = true)]
     json: bool,
+    /// Kubernetes targets: use this kubeconfig context (overrides `context:`).
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Kubernetes targets: use this namespace (overrides `namespace:`).
+    #[arg(long, short = 'n', global = true)]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
+    let cfg = override_kube(cfg, cli.context, cli.namespace);
     let (mode, only) = match cli.command {
         Command::Doctor { services } => return admin(cfg, &services, format, true),
         Command::Down { services } => return admin(cfg, &services, format, false),
@@ -142,6 +149,21 @@ fn admin(cfg: Config, only: &[String], format: Format, check: bool) -> ExitCode 
         ok
     });
     ExitCode::from(if ok { exit::OK } else { exit::NOT_IN_SYNC })
+}
+
+/// Applies `--context` and `--namespace` to every Kubernetes target.
+fn override_kube(mut cfg: Config, context: Option<String>, namespace: Option<String>) -> Config {
+    for s in &mut cfg.services {
+        if let config::Target::Kubernetes(k) = &mut s.target {
+            if let Some(c) = &context {
+                k.context = Some(c.clone());
+            }
+            if let Some(n) = &namespace {
+                k.namespace = Some(n.clone());
+            }
+        }
+    }
+    cfg
 }
 
 fn select(mut cfg: Config, only: &[String]) -> Result<Config, String> {

@@ -270,18 +270,20 @@ async fn run_endpoint(
                 match target::start(&endpoint, &token, &rep).await {
                     Ok(s) => (s, token),
                     Err(e) => {
-                let fatal = match &e {
-                    TargetError::AgentNotFound { .. } => true,
-                    TargetError::Kubernetes(k) => matches!(
-                        **k,
-                        KubeError::NoStaticAgent { .. } | KubeError::Arch { .. } | KubeError::NoContainer { .. }
-                    ),
-                    _ => false,
-                };
-                rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
-                if fatal || mode == Mode::Once {
-                    return Outcome::Unreachable;
-                }
+                        let fatal = match &e {
+                            TargetError::AgentNotFound { .. } => true,
+                            TargetError::Kubernetes(k) => matches!(
+                                **k,
+                                KubeError::NoStaticAgent { .. }
+                                    | KubeError::Arch { .. }
+                                    | KubeError::NoContainer { .. }
+                            ),
+                            _ => false,
+                        };
+                        rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+                        if fatal || mode == Mode::Once {
+                            return Outcome::Unreachable;
+                        }
                         if backoff(&rep, &mut attempt, &mut shutdown).await {
                             return Outcome::Stopped;
                         }

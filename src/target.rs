@@ -202,7 +202,9 @@ async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporte
             rep.send(Kind::AgentLog { line });
         }
     });
-    Ok(Started { io: Box::new(tokio::io::join(stdout, stdin)), process: Process { kind: ProcessKind::Local(child) },
+    Ok(Started {
+        io: Box::new(tokio::io::join(stdout, stdin)),
+        process: Process { kind: ProcessKind::Local(child) },
         via: "stdio".into(),
     })
 }

@@ -448,3 +448,212 @@ async fn doctor_names_missing_permissions_and_the_role_it_prints_is_enough() {
     }
     drop(ns);
 }
+
+/// Everything in a namespace a user would call its state, normalised so
+/// two snapshots compare equal when nothing was changed: objects keep
+/// their uid (a recreated object is a change), while what the API server
+/// and controllers bump on every write (resourceVersion, generation,
+/// managedFields, status, the Deployment controller's revision
+/// annotations) is left out. Pods are listed by owner and container spec,
+/// not by name: restoring a workload rolls its pods out, by design.
+async fn namespace_state(client: &Client, ns: &str) -> serde_json::Value {
+    use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    async fn all<K>(client: &Client, ns: &str) -> Vec<serde_json::Value>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
+        let mut out: Vec<serde_json::Value> = api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(o).unwrap();
+                let m = v["metadata"].as_object_mut().unwrap();
+                for k in ["resourceVersion", "generation", "managedFields"] {
+                    m.remove(k);
+                }
+                if let Some(a) = m.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                    a.retain(|k, _| !k.starts_with("deployment.kubernetes.io/"));
+                }
+                v.as_object_mut().unwrap().remove("status");
+                v
+            })
+            .collect();
+        out.sort_by_key(|v| v["metadata"]["name"].as_str().unwrap_or("").to_string());
+        out
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut pod_shapes: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| {
+            let owner = p.metadata.owner_references.unwrap_or_default().first().map(|o| o.name.clone());
+            let spec = serde_json::to_string(&p.spec.unwrap().containers).unwrap();
+            format!("{owner:?} {spec}")
+        })
+        .collect();
+    pod_shapes.sort();
+    serde_json::json!({
+        "deployments": all::<Deployment>(client, ns).await,
+        "replicasets": all::<ReplicaSet>(client, ns).await,
+        "statefulsets": all::<StatefulSet>(client, ns).await,
+        "services": all::<Service>(client, ns).await,
+        "configmaps": all::<ConfigMap>(client, ns).await,
+        "secrets": all::<Secret>(client, ns).await,
+        "serviceaccounts": all::<ServiceAccount>(client, ns).await,
+        "roles": all::<Role>(client, ns).await,
+        "rolebindings": all::<RoleBinding>(client, ns).await,
+        "pods": pod_shapes,
+    })
+}
+
+/// Waits until the Deployment `name` has rolled out: every replica updated
+/// and ready, and no other pods left.
+async fn rolled_out(client: &Client, ns: &str, name: &str) {
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let t0 = Instant::now();
+    loop {
+        let d = deps.get(name).await.unwrap();
+        let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let st = d.status.clone().unwrap_or_default();
+        let done = d.metadata.generation == st.observed_generation
+            && st.updated_replicas == Some(want)
+            && st.ready_replicas == Some(want)
+            && st.replicas == Some(want);
+        let n = pods.list(&ListParams::default().labels(&format!("app={name}"))).await.unwrap().items.len();
+        if done && n == want as usize {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "deployment/{name} never rolled out: {st:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// How many devloop agent processes run in a pod.
+async fn agents_running(pods: &Api<Pod>, pod: &str) -> usize {
+    let script = "n=0; for p in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in \
+                  /tmp/devloop-agent-*) n=$((n+1));; esac; done; echo $n";
+    exec(pods, pod, &["sh", "-c", script], None).await.trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn restart_keeps_synced_files_and_down_leaves_the_namespace_as_it_was() {
+    let Some(client) = client().await else { return };
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // The app prints the version it started with. Its command is left to
+    // the image (only `args`), so devloop must read it from the pod.
+    let app = "trap 'exit 0' TERM; echo \"started $(cat /tmp/app/version.txt 2>/dev/null || echo none)\"; \
+               while :; do sleep 1; done";
+    let dep: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "app", "annotations": {"team": "e2e"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "main", "image": image(), "imagePullPolicy": "IfNotPresent",
+                        "args": ["sh", "-c", app]
+                    }]
+                }
+            }
+        }
+    }))
+    .unwrap();
+    deps.create(&PostParams::default(), &dep).await.unwrap();
+    rolled_out(&client, &ns.name, "app").await;
+    let before = namespace_state(&client, &ns.name).await;
+
+    let root = "/tmp/app";
+    let p = util::Project::with_yaml(&format!(
+        "services:\n  app:\n    target:\n      kubernetes: {{namespace: {}, deployment: app, root: {root}}}\n    sync:\n      - from: src\n    app: {{restart: true}}\n",
+        ns.name
+    ));
+    p.write("version.txt", b"v1");
+    p.write("lib/data.txt", b"kept across restarts");
+    let mut w = tokio::task::block_in_place(|| p.watch());
+    println!("step: the workload gets the restart wrapper, recorded in an annotation");
+    let changed = w.wait_first("workload_changed", Duration::from_secs(10));
+    assert_eq!(changed["workload"], "deployment/app", "{changed}");
+    let d = deps.get("app").await.unwrap();
+    let recorded = d.metadata.annotations.unwrap_or_default().get("devloop.dev/restart-wrapper").cloned();
+    let recorded: serde_json::Value = serde_json::from_str(&recorded.expect("annotation")).unwrap();
+    assert_eq!(recorded["container"], "main");
+    assert_eq!(recorded["command"], serde_json::Value::Null, "the original had no command");
+    assert_eq!(recorded["args"], serde_json::json!(["sh", "-c", app]));
+
+    println!("step: after the rollout, the app restarts on the synced files");
+    let started_with = |v: &str| {
+        let line = format!("started {v}");
+        move |e: &serde_json::Value| e["type"] == "pod_log" && e["line"] == line.as_str()
+    };
+    tokio::task::block_in_place(|| {
+        w.wait_for("`started v1` in the pod's log", Duration::from_secs(120), started_with("v1"))
+    });
+    let via = w.wait_first("agent_connected", Duration::from_secs(1))["via"].as_str().unwrap().to_string();
+    assert!(via.starts_with("port-forward 127.0.0.1:"), "the default transport is port-forward: {via}");
+
+    println!("step: an edit restarts the process, not the container: the synced files stay");
+    p.replace("version.txt", b"v2");
+    tokio::task::block_in_place(|| {
+        w.wait_for("`started v2` in the pod's log", Duration::from_secs(60), started_with("v2"))
+    });
+    rolled_out(&client, &ns.name, "app").await;
+    let pod = ready_pod(&pods, "app").await;
+    let status = pods.get(&pod).await.unwrap().status.unwrap();
+    let restarts = status.container_statuses.unwrap()[0].restart_count;
+    assert_eq!(restarts, 0, "the container itself must not restart");
+    assert_eq!(pod_tree(&pods, &pod, root).await, local_tree(&p.src()));
+
+    println!("step: devloop killed (-9): the agent in the pod exits with its lifeline");
+    assert_eq!(agents_running(&pods, &pod).await, 1);
+    w.child.kill().unwrap();
+    let _ = w.child.wait();
+    let t0 = Instant::now();
+    while agents_running(&pods, &pod).await != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the agent outlived devloop by 20 s");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("  agent gone {} ms after devloop", t0.elapsed().as_millis());
+
+    println!("step: down (after that crash) restores the workload; a second down finds nothing");
+    let down = || {
+        let out = p.cmd(&["down"]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("restored container `main`"), "{text}");
+    rolled_out(&client, &ns.name, "app").await;
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("no restart wrapper to remove"), "{text}");
+    rolled_out(&client, &ns.name, "app").await;
+    let after = namespace_state(&client, &ns.name).await;
+    assert_eq!(
+        serde_json::to_string_pretty(&after).unwrap(),
+        serde_json::to_string_pretty(&before).unwrap(),
+        "down must leave the namespace as it was"
+    );
+    drop(ns);
+}

@@ -21,14 +21,22 @@ struct Step {
 /// A request that does not match the next step gets a 500 and is recorded,
 /// so the test's assertion on the sequence shows what went wrong.
 async fn scripted_server(script: Vec<Step>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let (url, seen, _) = scripted_server_with_bodies(script).await;
+    (url, seen)
+}
+
+/// The same, also recording each request's body.
+async fn scripted_server_with_bodies(script: Vec<Step>) -> (String, Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let body_log = bodies.clone();
     let script = Arc::new(Mutex::new(script.into_iter().collect::<std::collections::VecDeque<_>>()));
     let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            let (script, log) = (script.clone(), log.clone());
+            let (script, log, body_log) = (script.clone(), log.clone(), body_log.clone());
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
                 let mut r = BufReader::new(r);
@@ -54,6 +62,7 @@ async fn scripted_server(script: Vec<Step>) -> (String, Arc<Mutex<Vec<String>>>)
                     let _ = r.read_exact(&mut body).await;
                     let request = line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
                     log.lock().unwrap().push(request.clone());
+                    body_log.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
                     let step = script.lock().unwrap().pop_front();
                     let (status, body) = match step {
                         Some(s) if s.request == request => (s.status, s.body),
@@ -71,7 +80,7 @@ async fn scripted_server(script: Vec<Step>) -> (String, Arc<Mutex<Vec<String>>>)
             });
         }
     });
-    (url, seen)
+    (url, seen, bodies)
 }
 
 async fn cluster(url: &str) -> Cluster {
@@ -218,4 +227,118 @@ async fn selectors_with_match_expressions_are_refused_with_a_way_out() {
     let e = ready_pods(&cluster(&url).await, &PodSelector::Deployment("web".into())).await.unwrap_err();
     assert!(e.to_string().contains("matchExpressions") && e.to_string().contains("selector:"), "{e}");
     assert_eq!(seen.lock().unwrap().len(), 1, "no pod listing after a refused selector");
+}
+
+/// A Deployment whose container `main` runs `[python, app.py] --port 80`,
+/// with the restart wrapper's record when `recorded`.
+fn app_deployment(recorded: bool, command: serde_json::Value) -> String {
+    let mut meta = serde_json::json!({"name": "web", "annotations": {"team": "a"}});
+    if recorded {
+        meta["annotations"]["devloop.dev/restart-wrapper"] =
+            r#"{"container":"main","command":["python","app.py"],"args":["--port","80"]}"#.into();
+    }
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+                {"name": "side", "image": "x"},
+                {"name": "main", "image": "y", "command": command, "args": if recorded { serde_json::Value::Null } else { serde_json::json!(["--port", "80"]) }}
+            ]}}
+        }
+    })
+    .to_string()
+}
+
+const DEP: &str = "GET /apis/apps/v1/namespaces/dev/deployments/web";
+const PATCH: &str = "PATCH /apis/apps/v1/namespaces/dev/deployments/web?";
+
+#[tokio::test]
+async fn the_restart_wrapper_is_recorded_on_the_workload_and_restored_exactly() {
+    use devloop::target::workload::{reconcile, restore, Done, Workload, ANNOTATION};
+    let original = serde_json::json!(["python", "app.py"]);
+    let wrapped = serde_json::json!(["/bin/sh", "-c", "…", "devloop-restart", "python", "app.py", "--port", "80"]);
+    let (url, seen, bodies) = scripted_server_with_bodies(vec![
+        // First start: wrap.
+        Step { request: DEP, status: 200, body: app_deployment(false, original.clone()) },
+        Step { request: PATCH, status: 200, body: app_deployment(true, wrapped.clone()) },
+        // A start after a crash: the record is there, nothing is wrapped twice.
+        Step { request: DEP, status: 200, body: app_deployment(true, wrapped.clone()) },
+        // down, twice.
+        Step { request: DEP, status: 200, body: app_deployment(true, wrapped.clone()) },
+        Step { request: PATCH, status: 200, body: app_deployment(false, original.clone()) },
+        Step { request: DEP, status: 200, body: app_deployment(false, original.clone()) },
+    ])
+    .await;
+    let c = cluster(&url).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let rep = devloop::events::Reporter::new("web", tx);
+    let w = Workload::Deployment("web".into());
+
+    assert_eq!(reconcile(&c, &w, Some("main"), true, &rep).await.unwrap(), Done::Wrapped);
+    let patch: serde_json::Value = serde_json::from_str(&bodies.lock().unwrap()[1]).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(patch["metadata"]["annotations"][ANNOTATION].as_str().unwrap()).unwrap();
+    assert_eq!(
+        record,
+        serde_json::json!({"container": "main", "command": ["python", "app.py"], "args": ["--port", "80"]})
+    );
+    let container = &patch["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["name"], "main", "only the chosen container is touched: {patch}");
+    assert_eq!(container["args"], serde_json::Value::Null, "args are folded into the wrapped command");
+    let cmd: Vec<&str> = container["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(&cmd[..2], ["/bin/sh", "-c"]);
+    assert_eq!(&cmd[3..], ["devloop-restart", "python", "app.py", "--port", "80"]);
+    let ev = rx.try_recv().unwrap();
+    assert!(
+        matches!(&ev.kind, devloop::events::Kind::WorkloadChanged { workload, .. } if workload == "deployment/web")
+    );
+
+    assert_eq!(reconcile(&c, &w, Some("main"), true, &rep).await.unwrap(), Done::Kept);
+
+    assert_eq!(restore(&c, &w).await.unwrap().as_deref(), Some("main"));
+    let patch: serde_json::Value = serde_json::from_str(&bodies.lock().unwrap()[4]).unwrap();
+    assert_eq!(
+        patch,
+        serde_json::json!({
+            "metadata": {"annotations": {ANNOTATION: null}},
+            "spec": {"template": {"spec": {"containers": [
+                {"name": "main", "command": ["python", "app.py"], "args": ["--port", "80"]}
+            ]}}}
+        })
+    );
+    assert_eq!(restore(&c, &w).await.unwrap(), None, "a second down has nothing to restore");
+    assert_eq!(*seen.lock().unwrap(), vec![DEP, PATCH, DEP, DEP, PATCH, DEP]);
+}
+
+#[tokio::test]
+async fn a_start_without_restarts_removes_a_left_wrapper_and_a_refused_patch_names_the_verb() {
+    use devloop::target::workload::{reconcile, Done, Workload};
+    let wrapped = serde_json::json!(["/bin/sh", "-c", "…", "devloop-restart", "python", "app.py", "--port", "80"]);
+    let (url, seen) = scripted_server(vec![
+        Step { request: DEP, status: 200, body: app_deployment(true, wrapped.clone()) },
+        Step { request: DEP, status: 200, body: app_deployment(true, wrapped.clone()) },
+        Step { request: PATCH, status: 200, body: app_deployment(false, serde_json::json!(["python", "app.py"])) },
+        Step { request: DEP, status: 200, body: app_deployment(false, serde_json::json!(["python", "app.py"])) },
+        Step {
+            request: PATCH,
+            status: 403,
+            body: status(
+                403,
+                "Forbidden",
+                "deployments.apps \"web\" is forbidden: User \"dev\" cannot patch resource \"deployments\"",
+            ),
+        },
+    ])
+    .await;
+    let c = cluster(&url).await;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let rep = devloop::events::Reporter::new("web", tx);
+    let w = Workload::Deployment("web".into());
+    assert_eq!(reconcile(&c, &w, None, false, &rep).await.unwrap(), Done::Restored);
+    let e = reconcile(&c, &w, Some("main"), true, &rep).await.unwrap_err();
+    assert!(matches!(e, KubeError::Forbidden { .. }), "{e:?}");
+    assert!(e.to_string().contains("patch deployment/web") && e.to_string().contains("cannot patch"), "{e}");
+    assert!(e.hint().unwrap().contains("devloop doctor"), "{:?}", e.hint());
+    assert_eq!(*seen.lock().unwrap(), vec![DEP, DEP, PATCH, DEP, PATCH]);
 }

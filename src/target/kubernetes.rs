@@ -53,6 +53,9 @@ pub enum KubeError {
     },
     #[error("{what}: {message}")]
     Unsupported { what: String, message: String },
+    /// devloop cannot change a workload the way it needs to.
+    #[error("{what}: {message}")]
+    Workload { what: String, message: String, hint: String },
     #[error("container `{container}` is not in pod {pod} (it has: {have})")]
     NoContainer { pod: String, container: String, have: String },
     #[error("pod {pod} runs on `{arch}`, and this devloop has an agent for x86_64 only")]
@@ -74,6 +77,7 @@ impl KubeError {
             KubeError::NotFound { .. } => "check `namespace:` and the workload's name in the kubernetes target".into(),
             KubeError::Api { .. } => "check that the cluster is reachable (the cause is above)".into(),
             KubeError::Unsupported { .. } => "the container needs `sh` and `head` (images without a shell are not supported yet)".into(),
+            KubeError::Workload { hint, .. } => hint.clone(),
             KubeError::NoContainer { .. } => "set `container:` in the kubernetes target to one of the listed containers".into(),
             KubeError::Arch { .. } => format!("build an agent for that architecture and point {AGENT_STATIC_ENV} at it"),
             KubeError::Checksum { .. } => "the container's /tmp may be full or read-only; devloop will retry".into(),
@@ -466,7 +470,10 @@ async fn start_forwarded(
             },
             Ok(_) => KubeError::Unsupported {
                 what: format!("the agent in pod {}", ep.pod),
-                message: format!("it did not say where it listens (it printed {:?}; its own messages are above)", line.trim()),
+                message: format!(
+                    "it did not say where it listens (it printed {:?}; its own messages are above)",
+                    line.trim()
+                ),
             },
         }));
     };
@@ -476,7 +483,8 @@ async fn start_forwarded(
         let mut sink = tokio::io::sink();
         let _ = tokio::io::copy(&mut out, &mut sink).await;
     });
-    let mut f = Forwarded { exec: p, stdin: Box::new(stdin), forwarders, alive, pods, pod: ep.pod.clone(), port, pf: None };
+    let mut f =
+        Forwarded { exec: p, stdin: Box::new(stdin), forwarders, alive, pods, pod: ep.pod.clone(), port, pf: None };
     match f.open().await {
         Ok(io) => Ok(Started { io, process: Process::forwarded(f), via: format!("port-forward 127.0.0.1:{port}") }),
         Err(e) => {

@@ -16,9 +16,9 @@ use super::kubernetes::{api_err, exec_output, is_ready, Cluster, KubeError};
 use crate::config::PodSelector;
 use crate::events::{Kind, Reporter};
 use devloop_agent::protocol::CommandSpec;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -56,8 +56,8 @@ done"#;
 pub fn restart_command() -> CommandSpec {
     CommandSpec {
         shell: Some(format!(
-            "if read pid < {PID_FILE}; then kill -HUP \"$pid\"; \
-             else echo 'devloop: this container has no restart wrapper (yet); not restarted' >&2; fi 2>/dev/null \
+            "if {{ read pid < {PID_FILE}; }} 2>/dev/null; then kill -HUP \"$pid\"; \
+             else echo 'devloop: this container has no restart wrapper (yet); not restarted' >&2; fi \
              # devloop: restart the container's process"
         )),
         argv: Vec::new(),
@@ -175,8 +175,15 @@ pub async fn reconcile(
     match (&recorded, want) {
         (Some(r), true) if r.container == chosen.name => return Ok(Done::Kept),
         (None, false) => return Ok(Done::Nothing),
-        (Some(_), _) => {
-            restore(c, w, rep).await?;
+        (Some(r), _) => {
+            restore(c, w).await?;
+            rep.send(Kind::WorkloadChanged {
+                workload: w.describe(),
+                change: format!(
+                    "container `{}` restored to its own command (a previous run's restart wrapper); its pods roll out",
+                    r.container
+                ),
+            });
             if !want {
                 return Ok(Done::Restored);
             }
@@ -185,12 +192,28 @@ pub async fn reconcile(
     }
     // The command to wrap: the container's own, or, when the pod template
     // leaves it to the image, what a running pod's PID 1 was started with.
-    let argv = match &chosen.command {
-        Some(cmd) => cmd.iter().chain(chosen.args.iter().flatten()).cloned().collect(),
-        None => running_argv(c, w, &chosen.name).await?,
+    // The kubelet expands `$(VAR)` and turns `$$` into `$` in a container's
+    // command, so text that is not already in the pod template's form has
+    // its `$` doubled to arrive unchanged.
+    let argv: Vec<String> = match (&chosen.command, &chosen.args) {
+        (Some(cmd), _) => cmd.iter().chain(chosen.args.iter().flatten()).cloned().collect(),
+        (None, Some(args)) if !args.is_empty() => {
+            let unescaped: Vec<String> = args.iter().map(|a| a.replace("$$", "$")).collect();
+            running_argv(c, w, &chosen.name, &unescaped).await?.iter().map(|a| escape_dollars(a)).collect()
+        }
+        (None, _) => {
+            return Err(KubeError::Workload {
+                what: format!("container `{}` of {}", chosen.name, w.describe()),
+                message: "its command comes from the image, which the Kubernetes API does not show, so devloop \
+                          cannot wrap it"
+                    .into(),
+                hint: "set `command:` (the image's ENTRYPOINT and CMD) on the container in the workload".into(),
+            })
+        }
     };
-    let original = Original { container: chosen.name.clone(), command: chosen.command.clone(), args: chosen.args.clone() };
-    let mut command = vec!["/bin/sh".to_string(), "-c".into(), WRAPPER.into(), WRAPPER_NAME.into()];
+    let original =
+        Original { container: chosen.name.clone(), command: chosen.command.clone(), args: chosen.args.clone() };
+    let mut command = vec!["/bin/sh".to_string(), "-c".into(), escape_dollars(WRAPPER), WRAPPER_NAME.into()];
     command.extend(argv);
     let body = serde_json::json!({
         "metadata": {"annotations": {ANNOTATION: serde_json::to_string(&original).unwrap_or_default()}},
@@ -210,14 +233,21 @@ pub async fn reconcile(
     Ok(Done::Wrapped)
 }
 
-/// Puts back what the annotation recorded, if anything. Returns whether
-/// there was something to restore.
-pub async fn restore(c: &Cluster, w: &Workload, rep: &Reporter) -> Result<bool, KubeError> {
+/// Text as it must be written in a container's command to reach the
+/// process unchanged.
+fn escape_dollars(s: &str) -> String {
+    s.replace('$', "$$")
+}
+
+/// Puts back what the annotation recorded, if anything. Returns the
+/// container restored.
+pub async fn restore(c: &Cluster, w: &Workload) -> Result<Option<String>, KubeError> {
     let (annotations, _) = w.get(c).await?;
-    let Some(raw) = annotations.get(ANNOTATION) else { return Ok(false) };
-    let original: Original = serde_json::from_str(raw).map_err(|e| KubeError::Unsupported {
+    let Some(raw) = annotations.get(ANNOTATION) else { return Ok(None) };
+    let original: Original = serde_json::from_str(raw).map_err(|e| KubeError::Workload {
         what: format!("annotation {ANNOTATION} on {}", w.describe()),
-        message: format!("it does not parse ({e}); remove it and set the container's command by hand"),
+        message: format!("it does not parse ({e})"),
+        hint: "remove the annotation and set the container's command back by hand".into(),
     })?;
     let body = serde_json::json!({
         "metadata": {"annotations": {ANNOTATION: null}},
@@ -226,15 +256,64 @@ pub async fn restore(c: &Cluster, w: &Workload, rep: &Reporter) -> Result<bool, 
         ]}}}
     });
     w.patch(c, body).await?;
-    rep.send(Kind::WorkloadChanged {
-        workload: w.describe(),
-        change: format!("container `{}` restored to its own command; its pods roll out", original.container),
-    });
-    Ok(true)
+    Ok(Some(original.container))
 }
 
-/// The argv of PID 1 in the container of a ready pod of the workload.
-async fn running_argv(c: &Cluster, w: &Workload, container: &str) -> Result<Vec<String>, KubeError> {
+/// How long `down` waits for the wrapper's ReplicaSet to be scaled down.
+const ROLLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Deletes the ReplicaSets of a Deployment whose pods ran the restart
+/// wrapper, once the Deployment has scaled them to zero (after
+/// [`restore`]), so its rollout history is as it was. Returns how many
+/// were deleted, and how many are still scaling down (left in place).
+pub async fn remove_wrapper_rollouts(c: &Cluster, w: &Workload) -> Result<(usize, usize), KubeError> {
+    let Workload::Deployment(name) = w else { return Ok((0, 0)) };
+    let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), &c.namespace);
+    let t0 = std::time::Instant::now();
+    loop {
+        let list = rss
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| api_err(format!("list replicasets in {}", c.namespace), e))?;
+        let wrapped: Vec<ReplicaSet> = list
+            .items
+            .into_iter()
+            .filter(|rs| {
+                let owned =
+                    rs.metadata.owner_references.iter().flatten().any(|o| o.kind == "Deployment" && &o.name == name);
+                let containers = rs.spec.as_ref().and_then(|s| s.template.as_ref()).and_then(|t| t.spec.as_ref());
+                owned
+                    && containers.is_some_and(|p| {
+                        p.containers.iter().any(|k| {
+                            k.command.as_ref().is_some_and(|c| c.get(3).map(String::as_str) == Some(WRAPPER_NAME))
+                        })
+                    })
+            })
+            .collect();
+        let (idle, busy): (Vec<_>, Vec<_>) = wrapped.into_iter().partition(|rs| {
+            rs.spec.as_ref().and_then(|s| s.replicas) == Some(0) && rs.status.as_ref().is_some_and(|s| s.replicas == 0)
+        });
+        if busy.is_empty() || t0.elapsed() > ROLLBACK_WAIT {
+            let mut deleted = 0;
+            for rs in &idle {
+                let Some(n) = &rs.metadata.name else { continue };
+                match rss.delete(n, &DeleteParams::background()).await {
+                    Ok(_) => deleted += 1,
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(api_err(format!("delete replicaset {n} in {}", c.namespace), e)),
+                }
+            }
+            return Ok((deleted, busy.len()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// The container's full command when the pod template gives only `args`
+/// (the image's ENTRYPOINT comes first): PID 1's argv in a ready pod,
+/// accepted only when it ends with those args, since a process that
+/// exec'd something else no longer shows how it was started.
+async fn running_argv(c: &Cluster, w: &Workload, container: &str, args: &[String]) -> Result<Vec<String>, KubeError> {
     let (_, template) = w.get(c).await?;
     let labels: Vec<String> = template
         .metadata
@@ -248,19 +327,22 @@ async fn running_argv(c: &Cluster, w: &Workload, container: &str) -> Result<Vec<
         .list(&ListParams::default().labels(&labels.join(",")))
         .await
         .map_err(|e| api_err(format!("list the pods of {}", w.describe()), e))?;
-    let pod = list.items.into_iter().filter(is_ready).find_map(|p| p.metadata.name).ok_or_else(|| {
-        KubeError::Unsupported {
+    let pod =
+        list.items.into_iter().filter(is_ready).find_map(|p| p.metadata.name).ok_or_else(|| KubeError::Workload {
             what: w.describe(),
-            message: "its container gives no `command`, and no pod is ready to read the image's from".into(),
-        }
-    })?;
+            message: "its container gives no `command`, and no pod is ready to read the image's entrypoint from".into(),
+            hint: "set `command:` on the container in the workload, or start devloop again once a pod is ready".into(),
+        })?;
     let raw = exec_output(c, &pod, container, &["cat", "/proc/1/cmdline"], None).await?;
     let argv: Vec<String> = raw.split('\0').filter(|s| !s.is_empty()).map(String::from).collect();
-    if argv.is_empty() || argv[0].ends_with("/pause") {
-        return Err(KubeError::Unsupported {
-            what: format!("{} (pod {pod})", w.describe()),
-            message: "cannot read the container's command from /proc/1/cmdline (a shared process namespace?)".into(),
-        });
+    if argv.ends_with(args) {
+        return Ok(argv);
     }
-    Ok(argv)
+    Err(KubeError::Workload {
+        what: format!("{} (pod {pod})", w.describe()),
+        message: format!(
+            "cannot tell the image's entrypoint: PID 1 runs {argv:?}, which is not it followed by the container's args"
+        ),
+        hint: format!("set `command:` (the image's ENTRYPOINT) on container `{container}` in the workload"),
+    })
 }

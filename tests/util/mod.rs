@@ -120,16 +120,27 @@ impl Watching {
     /// Collects events until one of `kind` arrives (after those already
     /// seen); panics with everything seen on timeout.
     pub fn wait_event(&mut self, kind: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_for(&format!("`{kind}` event"), timeout, |v| v["type"] == kind)
+    }
+
+    /// Collects events until one for which `pred` holds arrives (after
+    /// those already seen); panics with everything seen on timeout.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let start = self.seen.len();
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(v) = self.seen[start..].iter().find(|v| v["type"] == kind) {
+            if let Some(v) = self.seen[start..].iter().find(|v| pred(v)) {
                 return v.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(v) => self.seen.push(v),
-                Err(_) => panic!("no `{kind}` event within {timeout:?}; saw:\n{}", self.dump()),
+                Err(_) => panic!("no {what} within {timeout:?}; saw:\n{}", self.dump()),
             }
         }
     }
