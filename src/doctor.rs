@@ -27,7 +27,17 @@ pub struct Need {
 pub const NEEDS: &[Need] = &[
     Need { verb: "get", group: "", resource: "pods", subresource: "", why: "read a pod's containers" },
     Need { verb: "list", group: "", resource: "pods", subresource: "", why: "find the ready pods" },
+    // Exec and port-forward go over WebSocket, an HTTP GET: clusters
+    // authorize it as `get` and, since Kubernetes 1.30, also as `create`.
+    Need { verb: "get", group: "", resource: "pods", subresource: "exec", why: "inject and run the agent" },
     Need { verb: "create", group: "", resource: "pods", subresource: "exec", why: "inject and run the agent" },
+    Need {
+        verb: "get",
+        group: "",
+        resource: "pods",
+        subresource: "portforward",
+        why: "reach the agent (else devloop falls back to exec)",
+    },
     Need {
         verb: "create",
         group: "",

@@ -446,6 +446,38 @@ async fn doctor_names_missing_permissions_and_the_role_it_prints_is_enough() {
         assert!(t0.elapsed() < Duration::from_secs(30), "the printed Role was not enough:\n{text}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    println!("step: with that Role, a sync works over port-forward, without falling back");
+    p.write("hello.txt", b"from a developer's rights");
+    let out = tokio::task::block_in_place(|| {
+        p.cmd(&["--json", "sync", "--once"]).env("KUBECONFIG", &kubeconfig).output().unwrap()
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("\"via\":\"port-forward 127.0.0.1:"), "{text}");
+    assert!(!text.contains("\"type\":\"warning\""), "{text}");
+
+    println!("step: without port-forward rights, devloop says so and syncs over exec");
+    let roles = Api::<Role>::namespaced(client.clone(), &ns.name);
+    let mut role = roles.get("devloop").await.unwrap();
+    role.rules.as_mut().unwrap().retain(|r| !r.resources.iter().flatten().any(|x| x == "pods/portforward"));
+    roles.replace("devloop", &PostParams::default(), &role).await.unwrap();
+    p.write("hello.txt", b"over exec");
+    let t0 = Instant::now();
+    loop {
+        let out = tokio::task::block_in_place(|| {
+            p.cmd(&["--json", "sync", "--once"]).env("KUBECONFIG", &kubeconfig).output().unwrap()
+        });
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        if text.contains("\"via\":\"exec\"") {
+            assert!(text.contains("using the exec stream instead"), "{text}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "still port-forwarding without the right:\n{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let pod = ready_pod(&pods, "web").await;
+    assert_eq!(exec(&pods, &pod, &["cat", "/tmp/app/hello.txt"], None).await, "over exec");
     drop(ns);
 }
 

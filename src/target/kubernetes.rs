@@ -73,7 +73,7 @@ impl KubeError {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
             KubeError::Config(_) => "set KUBECONFIG (or ~/.kube/config) to a cluster, or name `context:` in the kubernetes target".into(),
-            KubeError::Forbidden { .. } => "ask for the Role `devloop doctor` prints (get/list on pods, deployments and statefulsets, create on pods/exec and pods/portforward) in this namespace".into(),
+            KubeError::Forbidden { .. } => "ask for the Role `devloop doctor` prints (get/list on pods, deployments and statefulsets, get and create on pods/exec and pods/portforward) in this namespace".into(),
             KubeError::NotFound { .. } => "check `namespace:` and the workload's name in the kubernetes target".into(),
             KubeError::Api { .. } => "check that the cluster is reachable (the cause is above)".into(),
             KubeError::Unsupported { .. } => "the container needs `sh` and `head` (images without a shell are not supported yet)".into(),
