@@ -342,3 +342,118 @@ async fn a_start_without_restarts_removes_a_left_wrapper_and_a_refused_patch_nam
     assert!(e.hint().unwrap().contains("devloop doctor"), "{:?}", e.hint());
     assert_eq!(*seen.lock().unwrap(), vec![DEP, DEP, PATCH, DEP, PATCH]);
 }
+
+#[path = "util/fake_kube.rs"]
+mod fake_kube;
+mod util;
+
+/// The agent the fake kubelet "uploads" and runs on this machine.
+fn local_agent() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_devloop")).with_file_name("devloop-agent")
+}
+
+fn pod_project() -> util::Project {
+    util::Project::with_yaml(
+        "services:\n  web:\n    target:\n      kubernetes: {pod: web, root: /app}\n    sync:\n      - from: src\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injection_is_a_probe_a_verified_upload_then_the_agent_behind_a_port_forward() {
+    let pod_fs = tempfile::tempdir().unwrap();
+    let fake = fake_kube::FakeKube::start(pod_fs.path()).await;
+    let p = pod_project();
+    p.write("a.txt", b"alpha");
+    let kubeconfig = fake.kubeconfig(p.dir.path());
+    let agent = std::fs::read(local_agent()).unwrap();
+    let sync = || {
+        let out = p
+            .cmd(&["--json", "sync", "--once"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("DEVLOOP_AGENT_STATIC", local_agent())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let t0 = std::time::Instant::now();
+    let (code, text) = tokio::task::block_in_place(sync);
+    let fresh_ms = t0.elapsed().as_millis();
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(std::fs::read(pod_fs.path().join("app/a.txt")).unwrap(), b"alpha");
+
+    let reqs = fake.requests();
+    let shape: Vec<String> = reqs
+        .iter()
+        .map(|r| {
+            let words: Vec<&str> = r.split_whitespace().collect();
+            match words.as_slice() {
+                ["EXEC", "sh", "-c", "uname", ..] => "probe".into(),
+                ["EXEC", "sh", "-c", "head", "-c", n, ..] => format!("upload {n}"),
+                ["EXEC", agent, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", "/app"]
+                    if agent.starts_with("/tmp/devloop-agent-") =>
+                {
+                    "start".into()
+                }
+                ["PORTFORWARD", _] => "forward".into(),
+                _ => r.clone(),
+            }
+        })
+        .collect();
+    let get = "GET /api/v1/namespaces/dev/pods/web".to_string();
+    let upload = format!("upload {}", agent.len());
+    assert_eq!(shape, [&get, &get, "probe", &upload, "start", "forward"], "{reqs:#?}");
+    // Up: the binary once, then the session token (32 hex digits and a newline).
+    let up = fake.stdin_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(up, agent.len() as u64 + 33);
+
+    // The agent is still there: the next start only probes it.
+    let t0 = std::time::Instant::now();
+    let (code, text) = tokio::task::block_in_place(sync);
+    let reuse_ms = t0.elapsed().as_millis();
+    assert_eq!(code, Some(0), "{text}");
+    let again = &fake.requests()[reqs.len()..];
+    assert_eq!(again.iter().filter(|r| r.starts_with("EXEC sh -c head")).count(), 0, "{again:#?}");
+    assert_eq!(again.len(), 5, "get, get, probe, start, forward: {again:#?}");
+    println!(
+        "injection at the HTTP boundary: fresh {} requests, {up} bytes up ({:.3}x the {}-byte agent), {fresh_ms} ms; \
+         reuse {} requests, {reuse_ms} ms",
+        reqs.len(),
+        up as f64 / agent.len() as f64,
+        agent.len(),
+        again.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_port_forward_is_reopened_to_the_same_agent_and_no_change_is_lost_or_sent_twice() {
+    let pod_fs = tempfile::tempdir().unwrap();
+    let fake = fake_kube::FakeKube::start(pod_fs.path()).await;
+    let p = pod_project();
+    p.write("a.txt", b"alpha");
+    let kubeconfig = fake.kubeconfig(p.dir.path());
+    let mut w = tokio::task::block_in_place(|| {
+        let mut child = p.cmd(&["--json", "watch"]);
+        child.env("KUBECONFIG", &kubeconfig).env("DEVLOOP_AGENT_STATIC", local_agent());
+        util::Watching::spawn(child, 1)
+    });
+    let first = w.wait_first("agent_connected", std::time::Duration::from_secs(1));
+    p.replace("a.txt", b"alpha 2");
+    w.wait_event("sync_applied", std::time::Duration::from_secs(10));
+
+    fake.cut_port_forwards();
+    // Edits while the way to the agent is down.
+    p.write("b.txt", b"beta");
+    let lost = w.wait_event("agent_lost", std::time::Duration::from_secs(10));
+    let again = w.wait_event("agent_connected", std::time::Duration::from_secs(10));
+    assert_eq!(again["pid"], first["pid"], "the same agent, reached again: {lost}");
+    assert_eq!(again["via"], first["via"]);
+    let resync = w.wait_event("sync_started", std::time::Duration::from_secs(10));
+    w.wait_event("in_sync", std::time::Duration::from_secs(10));
+    assert_eq!(resync["files"], 1, "only b.txt travels again: {resync}");
+    assert_eq!(std::fs::read(pod_fs.path().join("app/a.txt")).unwrap(), b"alpha 2");
+    assert_eq!(std::fs::read(pod_fs.path().join("app/b.txt")).unwrap(), b"beta");
+    let reqs = fake.requests();
+    assert_eq!(reqs.iter().filter(|r| r.contains(" serve ")).count(), 1, "no second agent: {reqs:#?}");
+    assert_eq!(reqs.iter().filter(|r| r.starts_with("PORTFORWARD")).count(), 2, "{reqs:#?}");
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+}

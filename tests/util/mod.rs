@@ -89,7 +89,15 @@ impl Project {
     /// Starts `devloop --json watch` and waits until `n` sessions (one per
     /// pod) are watching.
     pub fn watch_n(&self, n: usize) -> Watching {
-        let mut child = self.cmd(&["--json", "watch"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        Watching::spawn(self.cmd(&["--json", "watch"]), n)
+    }
+}
+
+impl Watching {
+    /// Starts a `devloop --json watch` command and waits until `n`
+    /// sessions are watching.
+    pub fn spawn(mut cmd: Command, n: usize) -> Watching {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
