@@ -109,6 +109,8 @@ struct RawKubernetes {
     context: Option<String>,
     #[serde(default)]
     transport: Option<KubeTransport>,
+    #[serde(default)]
+    helper_image: Option<String>,
     root: String,
 }
 
@@ -300,7 +302,13 @@ pub struct KubeTarget {
     /// Absolute path in the container.
     pub root: String,
     pub transport: KubeTransport,
+    /// The image of the helper container that injects into containers
+    /// with no shell (it needs `sh`).
+    pub helper_image: String,
 }
+
+/// The default `helper_image`.
+pub const DEFAULT_HELPER_IMAGE: &str = "busybox:1.36";
 
 /// How the CLI reaches an agent in a pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -540,6 +548,7 @@ impl Validator<'_> {
                     context: k.context,
                     root: k.root,
                     transport: k.transport.unwrap_or_default(),
+                    helper_image: k.helper_image.unwrap_or_else(|| DEFAULT_HELPER_IMAGE.into()),
                 })
             }
             RawTargetMap { exec: Some(x), .. } => {

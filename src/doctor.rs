@@ -10,7 +10,7 @@
 
 use crate::config::{Service, Target};
 use crate::target::kubernetes::{self, Cluster, KubeError};
-use crate::target::workload;
+use crate::target::{helper, workload};
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use kube::api::{Api, PostParams};
 
@@ -75,6 +75,15 @@ pub const RESTART_NEEDS: &[Need] = &[
         why: "remove the wrapper's rollout on `down`",
     },
 ];
+
+/// What only some pods need: images with no shell get a helper container.
+pub const OPTIONAL_NEEDS: &[Need] = &[Need {
+    verb: "patch",
+    group: "",
+    resource: "pods",
+    subresource: "ephemeralcontainers",
+    why: "inject into images with no shell, through a helper container",
+}];
 
 /// What a service needs.
 pub fn needs(svc: &Service) -> Vec<&'static Need> {
@@ -171,22 +180,26 @@ pub async fn check(svc: &Service) -> bool {
                 }
             }
             let mut denied = false;
-            let needs = needs(svc);
-            for need in &needs {
+            let mut needs = needs(svc);
+            let required = needs.len();
+            needs.extend(OPTIONAL_NEEDS);
+            for (i, need) in needs.iter().enumerate() {
                 let what = if need.subresource.is_empty() {
                     format!("{} {}", need.verb, need.resource)
                 } else {
                     format!("{} {}/{}", need.verb, need.resource, need.subresource)
                 };
+                // Optional rights only warn: most images have a shell.
+                let (bad, optional) = if i < required { ("FAIL", false) } else { ("warn", true) };
                 match allowed(&c, need).await {
                     Ok(true) => println!("  ok    may {what} in {} ({})", c.namespace, need.why),
                     Ok(false) => {
-                        denied = true;
-                        println!("  FAIL  may not {what} in {} (needed to {})", c.namespace, need.why);
+                        denied |= !optional;
+                        println!("  {bad}  may not {what} in {} (needed to {})", c.namespace, need.why);
                     }
                     Err(e) => {
-                        denied = true;
-                        println!("  FAIL  cannot check {what}: {e}");
+                        denied |= !optional;
+                        println!("  {bad}  cannot check {what}: {e}");
                     }
                 }
             }
@@ -241,6 +254,30 @@ pub async fn down(svc: &Service) -> bool {
         match kubernetes::remove_agent(&c, &pod, k.container.as_deref()).await {
             Ok(0) => println!("{}: {pod}: nothing to remove", svc.name),
             Ok(n) => println!("{}: {pod}: removed {n} agent file(s) and stopped any agent", svc.name),
+            Err(e) => {
+                ok = false;
+                fail(&pod, e);
+            }
+        }
+        // Helper containers of images with no shell: the API cannot remove
+        // them from the pod, so they are stopped.
+        match helper::running(&c, &pod).await {
+            Ok(helpers) => {
+                for h in helpers {
+                    let removed = kubernetes::remove_agent_in(&c, &pod, &h).await;
+                    match helper::stop(&c, &pod, &h).await.and(removed) {
+                        Ok(n) => println!(
+                            "{}: {pod}: removed {n} agent file(s) and stopped helper container {h} \
+                             (ephemeral containers stay listed in the pod, stopped, until it is replaced)",
+                            svc.name
+                        ),
+                        Err(e) => {
+                            ok = false;
+                            fail(&format!("{pod}: {h}"), e);
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 ok = false;
                 fail(&pod, e);

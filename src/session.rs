@@ -120,6 +120,7 @@ async fn follow_pods(
                         root: k.root.clone(),
                         agent: agent.clone(),
                         transport: k.transport,
+                        helper_image: k.helper_image.clone(),
                         forward_refused: Default::default(),
                     });
                     let (stop, stop_rx) = watch::channel(false);

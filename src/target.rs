@@ -10,6 +10,7 @@
 //! - [`kubernetes`]: a pod's container, through the API server's exec.
 
 pub mod exec;
+pub mod helper;
 pub mod kubernetes;
 pub mod local;
 pub mod workload;

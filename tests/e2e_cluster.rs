@@ -118,7 +118,15 @@ async fn ready_pod(pods: &Api<Pod>, app: &str) -> String {
 /// sent and the command is expected to read exactly that many bytes (some
 /// clusters' exec cannot half-close stdin, so stdin is always framed).
 async fn exec(pods: &Api<Pod>, pod: &str, cmd: &[&str], stdin: Option<&[u8]>) -> String {
-    let ap = AttachParams::default().stdin(stdin.is_some()).stdout(true).stderr(false);
+    exec_in(pods, pod, None, cmd, stdin).await
+}
+
+/// [`exec`] in a named container.
+async fn exec_in(pods: &Api<Pod>, pod: &str, container: Option<&str>, cmd: &[&str], stdin: Option<&[u8]>) -> String {
+    let mut ap = AttachParams::default().stdin(stdin.is_some()).stdout(true).stderr(false);
+    if let Some(c) = container {
+        ap = ap.container(c);
+    }
     let mut p = pods.exec(pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap).await.unwrap();
     if let Some(data) = stdin {
         let mut w = p.stdin().unwrap();
@@ -687,5 +695,94 @@ async fn restart_keeps_synced_files_and_down_leaves_the_namespace_as_it_was() {
         serde_json::to_string_pretty(&before).unwrap(),
         "down must leave the namespace as it was"
     );
+    drop(ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn an_image_with_no_shell_is_synced_through_a_helper_container() {
+    let Some(client) = client().await else { return };
+    let discovery = client.list_core_api_resources("v1").await.unwrap();
+    if !discovery.resources.iter().any(|r| r.name == "pods/ephemeralcontainers") {
+        println!("SKIP: this server has no pods/ephemeralcontainers subresource");
+        return;
+    }
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let dep: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "quiet"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "quiet"}},
+            "template": {
+                "metadata": {"labels": {"app": "quiet"}},
+                "spec": {"terminationGracePeriodSeconds": 1, "containers": [
+                    {"name": "main", "image": noshell_image(), "imagePullPolicy": "IfNotPresent"}
+                ]}
+            }
+        }
+    }))
+    .unwrap();
+    deps.create(&PostParams::default(), &dep).await.unwrap();
+    let pod = ready_pod(&pods, "quiet").await;
+
+    let p = util::Project::with_yaml(&format!(
+        "services:\n  quiet:\n    target:\n      kubernetes: {{namespace: {}, deployment: quiet, root: /app, helper_image: {}}}\n    sync:\n      - from: src\n",
+        ns.name,
+        image()
+    ));
+    p.write("a.txt", b"alpha");
+    p.write("dir/b.txt", b"beta");
+    println!("step: the agent runs in a helper container and syncs into the shell-less one");
+    let w = tokio::task::block_in_place(|| p.watch());
+    let said = w.seen.iter().find(|e| {
+        e["type"] == "agent_log"
+            && e["line"].as_str().is_some_and(|l| l.contains("has no shell: started helper container"))
+    });
+    let said = said.unwrap_or_else(|| panic!("no word of the helper:\n{}", w.dump()));
+    assert!(said["line"].as_str().unwrap().contains("devloop-helper-0"), "{said}");
+    let files = |pods: Api<Pod>, pod: String| async move {
+        let script = "cd /proc/1/root/app && find . -type f | sort | while read f; do echo \"$f=$(cat \"$f\")\"; done";
+        exec_in(&pods, &pod, Some("devloop-helper-0"), &["sh", "-c", script], None).await
+    };
+    let mut want = local_tree(&p.src());
+    let t0 = Instant::now();
+    while files(pods.clone(), pod.clone()).await != want {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never synced:\n{}", w.dump());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("step: live edit and delete");
+    p.replace("a.txt", b"alpha 2");
+    std::fs::remove_file(p.src().join("dir/b.txt")).unwrap();
+    want = local_tree(&p.src());
+    let t0 = Instant::now();
+    while files(pods.clone(), pod.clone()).await != want {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never synced the edit:\n{}", w.dump());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The container itself was never touched: it still runs, unrestarted.
+    let st = pods.get(&pod).await.unwrap().status.unwrap();
+    assert_eq!(st.container_statuses.unwrap()[0].restart_count, 0);
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+
+    println!("step: down stops the helper (the API cannot remove it from the pod)");
+    let out = tokio::task::block_in_place(|| p.cmd(&["down"]).output().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("stopped helper container devloop-helper-0"), "{text}");
+    let t0 = Instant::now();
+    loop {
+        let p = pods.get(&pod).await.unwrap();
+        let st = p.status.unwrap().ephemeral_container_statuses.unwrap_or_default();
+        if st.iter().any(|s| s.name == "devloop-helper-0" && s.state.as_ref().is_some_and(|s| s.terminated.is_some())) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the helper still runs: {st:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = tokio::task::block_in_place(|| p.cmd(&["down"]).output().unwrap());
+    assert_eq!(out.status.code(), Some(0), "a second down is fine: {}", String::from_utf8_lossy(&out.stdout));
     drop(ns);
 }

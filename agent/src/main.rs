@@ -105,6 +105,15 @@ fn read_token(args: &Args) -> Result<String, String> {
     Ok(tok)
 }
 
+/// Whether `p` is `/proc/<pid>/root/...` (without `..`).
+fn proc_root(p: &std::path::Path) -> bool {
+    let s = p.to_string_lossy();
+    let Some(rest) = s.strip_prefix("/proc/") else { return false };
+    let mut parts = rest.split('/');
+    let pid_ok = parts.next().is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    pid_ok && parts.next() == Some("root") && !s.split('/').any(|c| c == "..")
+}
+
 fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1)) {
         Ok(Some(a)) => a,
@@ -132,7 +141,13 @@ fn main() -> ExitCode {
         eprintln!("devloop-agent: cannot create sync root {}: {e}", args.root.display());
         return ExitCode::from(2);
     }
-    let root = match std::fs::canonicalize(&args.root) {
+    // A root under /proc/PID/root/ is another container's filesystem, seen
+    // from a helper container sharing its process namespace (images with no
+    // shell). The kernel resolves that link into the other mount
+    // namespace; textual canonicalization would read it as "/" and land in
+    // the helper's own filesystem, so such a root is used as given.
+    let root = if proc_root(&args.root) { Ok(args.root.clone()) } else { std::fs::canonicalize(&args.root) };
+    let root = match root {
         Ok(r) if r.is_dir() => r,
         Ok(r) => {
             eprintln!("devloop-agent: sync root {} is not a directory", r.display());

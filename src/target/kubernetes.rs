@@ -53,6 +53,10 @@ pub enum KubeError {
     },
     #[error("{what}: {message}")]
     Unsupported { what: String, message: String },
+    /// The container cannot run `sh` (a `scratch`, distroless or `pause`
+    /// image): devloop uses a helper container.
+    #[error("container `{container}` in pod {pod} has no shell")]
+    NoShell { pod: String, container: String },
     /// devloop cannot change a workload the way it needs to.
     #[error("{what}: {message}")]
     Workload { what: String, message: String, hint: String },
@@ -76,7 +80,8 @@ impl KubeError {
             KubeError::Forbidden { .. } => "ask for the Role `devloop doctor` prints (get/list on pods, deployments and statefulsets, get and create on pods/exec and pods/portforward) in this namespace".into(),
             KubeError::NotFound { .. } => "check `namespace:` and the workload's name in the kubernetes target".into(),
             KubeError::Api { .. } => "check that the cluster is reachable (the cause is above)".into(),
-            KubeError::Unsupported { .. } => "the container needs `sh` and `head` (images without a shell are not supported yet)".into(),
+            KubeError::Unsupported { .. } => "the container needs `sh` and `head`, or none at all (then devloop uses a helper container)".into(),
+            KubeError::NoShell { .. } => "devloop injects through a helper container (`helper_image:`) in that case".into(),
             KubeError::Workload { hint, .. } => hint.clone(),
             KubeError::NoContainer { .. } => "set `container:` in the kubernetes target to one of the listed containers".into(),
             KubeError::Arch { .. } => format!("build an agent for that architecture and point {AGENT_STATIC_ENV} at it"),
@@ -240,6 +245,8 @@ pub struct PodEndpoint {
     pub root: String,
     pub agent: Arc<AgentImage>,
     pub transport: KubeTransport,
+    /// The image of the helper container used when the target has no shell.
+    pub helper_image: String,
     /// Set once a port-forward was refused: later starts use exec.
     pub forward_refused: AtomicBool,
 }
@@ -317,10 +324,7 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     let mut lines = out.lines();
     let arch = lines.next().unwrap_or("").trim();
     if arch.is_empty() {
-        return Err(KubeError::Unsupported {
-            what: format!("pod {}", ep.pod),
-            message: "`uname -m` printed nothing: the container has no shell tools".into(),
-        });
+        return Err(KubeError::NoShell { pod: ep.pod.clone(), container: container.to_string() });
     }
     if arch != "x86_64" {
         return Err(KubeError::Arch { pod: ep.pod.clone(), arch: arch.into() });
@@ -344,11 +348,16 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
 /// Returns how many agent files there were. Safe to run again.
 pub async fn remove_agent(c: &Cluster, pod: &str, configured: Option<&str>) -> Result<usize, KubeError> {
     let container = container(c, pod, configured).await?;
+    remove_agent_in(c, pod, &container).await
+}
+
+/// [`remove_agent`] in a named container (a helper container, say).
+pub async fn remove_agent_in(c: &Cluster, pod: &str, container: &str) -> Result<usize, KubeError> {
     let script = "n=0; for f in /tmp/devloop-agent-*; do [ -e \"$f\" ] && n=$((n+1)); done; \
         for p in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in \
         /tmp/devloop-agent-*) kill ${p#/proc/} 2>/dev/null;; esac; done; \
         rm -f /tmp/devloop-agent-*; echo $n";
-    let out = exec_output(c, pod, &container, &["sh", "-c", script], None).await?;
+    let out = exec_output(c, pod, container, &["sh", "-c", script], None).await?;
     Ok(out.trim().parse().unwrap_or(0))
 }
 
@@ -392,10 +401,19 @@ pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHand
 /// when the cluster refuses port-forwards), or the exec stream.
 pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Started, TargetError> {
     let wrap = |e: KubeError| TargetError::Kubernetes(Box::new(e));
-    let container = container(&ep.cluster, &ep.pod, ep.container.as_deref()).await.map_err(wrap)?;
-    let remote = inject(ep, &container, rep).await.map_err(wrap)?;
+    let target = container(&ep.cluster, &ep.pod, ep.container.as_deref()).await.map_err(wrap)?;
+    let (container, remote, root) = match inject(ep, &target, rep).await {
+        Ok(remote) => (target, remote, ep.root.clone()),
+        Err(KubeError::NoShell { .. }) => {
+            let helper =
+                super::helper::ensure(&ep.cluster, &ep.pod, &target, &ep.helper_image, rep).await.map_err(wrap)?;
+            let remote = inject(ep, &helper, rep).await.map_err(wrap)?;
+            (helper, remote, super::helper::root_in_helper(&ep.root))
+        }
+        Err(e) => return Err(wrap(e)),
+    };
     if ep.transport == KubeTransport::PortForward && !ep.forward_refused.load(Ordering::Relaxed) {
-        match start_forwarded(ep, &container, &remote, token, rep).await {
+        match start_forwarded(ep, &container, &remote, &root, token, rep).await {
             Ok(s) => return Ok(s),
             Err(Step::Start(e)) => return Err(wrap(e)),
             Err(Step::Forward(e)) => {
@@ -409,7 +427,7 @@ pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Star
             }
         }
     }
-    start_stdio(ep, &container, remote, token, rep).await.map_err(wrap)
+    start_stdio(ep, &container, remote, root, token, rep).await.map_err(wrap)
 }
 
 /// Which step of a port-forwarded start failed: starting the agent is an
@@ -429,12 +447,13 @@ async fn start_forwarded(
     ep: &PodEndpoint,
     container: &str,
     remote: &str,
+    root: &str,
     token: &str,
     rep: &Reporter,
 ) -> Result<Started, Step> {
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
     let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
-    let cmd = [remote, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", &ep.root];
+    let cmd = [remote, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", root];
     let mut p = pods
         .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
         .await
@@ -585,12 +604,13 @@ async fn start_stdio(
     ep: &PodEndpoint,
     container: &str,
     remote: String,
+    root: String,
     token: &str,
     rep: &Reporter,
 ) -> Result<Started, KubeError> {
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
     let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
-    let cmd = vec![remote, "serve".into(), "--stdio".into(), "--token-stdin".into(), "--root".into(), ep.root.clone()];
+    let cmd = vec![remote, "serve".into(), "--stdio".into(), "--token-stdin".into(), "--root".into(), root];
     let mut p =
         pods.exec(&ep.pod, cmd, &ap).await.map_err(|e| api_err(format!("start the agent in pod {}", ep.pod), e))?;
     let (Some(mut stdin), Some(stdout)) = (p.stdin(), p.stdout()) else {
