@@ -97,6 +97,27 @@ const CASES: &[(&str, &str, usize, &str, &str)] = &[
         "version: unsupported version 2",
         "version: 1",
     ),
+    (
+        "unknown kubernetes transport",
+        "services:\n  s:\n    target:\n      kubernetes: {pod: p, root: /app, transport: portforward}\n    sync:\n      - from: src\n",
+        4,
+        "unknown variant `portforward`",
+        "did you mean `port-forward`?",
+    ),
+    (
+        "app without run on the local target",
+        "services:\n  s:\n    sync:\n      - from: src\n    app: {restart: true}\n",
+        5,
+        "services.s.app: missing `run`",
+        "run: [node, server.js]",
+    ),
+    (
+        "restarting a container's process without its workload",
+        "services:\n  s:\n    target:\n      kubernetes: {selector: app=web, root: /app}\n    sync:\n      - from: src\n    app: {}\n",
+        7,
+        "services.s.app: restarting the container's own process needs the workload",
+        "deployment: NAME",
+    ),
     ("no services", "services: {}\n", 1, "no services defined", "add a service"),
     ("bad service name", "services:\n  \"web app\":\n    sync:\n      - from: src\n", 2, "may only use letters", ""),
     (
