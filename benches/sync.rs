@@ -440,7 +440,7 @@ fn bench_kube(edits: usize) {
     std::thread::sleep(Duration::from_secs(2));
     let dep = serde_json::json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
         "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"terminationGracePeriodSeconds": 1,
-        "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["sh", "-c", "exec sleep 3600"]}]}}}});
+        "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["sh", "-c", "(nc -ll -p 9000 -e cat &); exec sleep 3600"]}]}}}});
     kubectl_like(&["POST", &format!("/apis/apps/v1/namespaces/{ns}/deployments"), &dep.to_string()], &kubeconfig);
     let t0 = Instant::now();
     loop {
@@ -515,21 +515,66 @@ fn bench_kube(edits: usize) {
         (fresh_up - reuse_up) as f64 / agent_size.max(1) as f64
     );
 
-    // Edit-to-applied latency in the pod, from devloop's own acknowledgements.
-    let w = Watch::start_env(d.path(), &[("KUBECONFIG", kubeconfig.clone().into_os_string())]);
-    let mut lat = Vec::new();
-    for i in 0..edits {
-        let tmp = d.path().join(".tmp");
-        std::fs::write(&tmp, format!("edit {i:06}").repeat(100)).unwrap();
-        std::fs::rename(&tmp, d.path().join("src/f.txt")).unwrap();
-        let v = w.wait("sync_applied", Duration::from_secs(60));
-        lat.push(v["latency_ms"].as_f64().unwrap());
-        std::thread::sleep(Duration::from_millis(10));
+    // The floor: a 1 KiB round trip through a port-forward (API server and
+    // kubelet) to an echo server in the same pod.
+    let floor = echo_floor(&ns, edits);
+    // Edit-to-applied latency in the pod, from devloop's own acknowledgements,
+    // over each transport.
+    for transport in ["port-forward", "exec"] {
+        std::fs::write(
+            d.path().join("devloop.yaml"),
+            format!("services:\n  web:\n    target:\n      kubernetes: {{namespace: {ns}, deployment: web, root: /tmp/app, transport: {transport}}}\n    sync:\n      - from: src\n"),
+        )
+        .unwrap();
+        let w = Watch::start_env(d.path(), &[("KUBECONFIG", kubeconfig.clone().into_os_string())]);
+        let mut lat = Vec::new();
+        for i in 0..edits {
+            let tmp = d.path().join(".tmp");
+            std::fs::write(&tmp, format!("edit {i:06} {transport}").repeat(60)).unwrap();
+            std::fs::rename(&tmp, d.path().join("src/f.txt")).unwrap();
+            let v = w.wait("sync_applied", Duration::from_secs(60));
+            lat.push(v["latency_ms"].as_f64().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(w);
+        let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+        println!(
+            "edit-to-applied in the pod over {transport:<12} ({edits} edits): p50 {p50:.2} ms  p99 {p99:.2} ms  ({:.2}x the floor's p50)",
+            p50 / floor.0
+        );
     }
-    drop(w);
-    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
-    println!("edit-to-applied in the pod over exec ({edits} edits): p50 {p50:.2} ms  p99 {p99:.2} ms\n");
+    println!(
+        "floor: 1 KiB echo round trip through a port-forward into the pod: p50 {:.2} ms  p99 {:.2} ms\n",
+        floor.0, floor.1
+    );
     kubectl_like(&["DELETE", &format!("/api/v1/namespaces/{ns}")], &kubeconfig);
+}
+
+/// p50 and p99 of a 1 KiB echo round trip through one port-forward to the
+/// bench pod's echo server (port 9000).
+fn echo_floor(ns: &str, n: usize) -> (f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = kube::Config::infer().await.unwrap();
+        let client = devloop::target::kubernetes::client_with_nodelay(config).unwrap();
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
+        let list = pods.list(&Default::default()).await.unwrap();
+        let pod = list.items.into_iter().find(devloop::target::kubernetes::is_ready).unwrap().metadata.name.unwrap();
+        let mut pf = pods.portforward(&pod, &[9000]).await.unwrap();
+        let mut s = pf.take_stream(9000).unwrap();
+        let msg = vec![b'x'; 1024];
+        let mut back = vec![0u8; 1024];
+        let mut lat = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            s.write_all(&msg).await.unwrap();
+            s.read_exact(&mut back).await.unwrap();
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (percentile(&mut lat.clone(), 0.5), percentile(&mut lat, 0.99))
+    })
 }
 
 fn main() {
