@@ -379,7 +379,7 @@ async fn injection_is_a_probe_a_verified_upload_then_the_agent_behind_a_port_for
     let (code, text) = tokio::task::block_in_place(sync);
     let fresh_ms = t0.elapsed().as_millis();
     assert_eq!(code, Some(0), "{text}");
-    assert_eq!(std::fs::read(pod_fs.path().join("app/a.txt")).unwrap(), b"alpha");
+    assert_eq!(std::fs::read(fake.file("web", "/app/a.txt")).unwrap(), b"alpha");
 
     let reqs = fake.requests();
     let shape: Vec<String> = reqs
@@ -450,10 +450,45 @@ async fn a_cut_port_forward_is_reopened_to_the_same_agent_and_no_change_is_lost_
     let resync = w.wait_event("sync_started", std::time::Duration::from_secs(10));
     w.wait_event("in_sync", std::time::Duration::from_secs(10));
     assert_eq!(resync["files"], 1, "only b.txt travels again: {resync}");
-    assert_eq!(std::fs::read(pod_fs.path().join("app/a.txt")).unwrap(), b"alpha 2");
-    assert_eq!(std::fs::read(pod_fs.path().join("app/b.txt")).unwrap(), b"beta");
+    assert_eq!(std::fs::read(fake.file("web", "/app/a.txt")).unwrap(), b"alpha 2");
+    assert_eq!(std::fs::read(fake.file("web", "/app/b.txt")).unwrap(), b"beta");
     let reqs = fake.requests();
     assert_eq!(reqs.iter().filter(|r| r.contains(" serve ")).count(), 1, "no second agent: {reqs:#?}");
     assert_eq!(reqs.iter().filter(|r| r.starts_with("PORTFORWARD")).count(), 2, "{reqs:#?}");
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_pod_gets_the_agent_and_the_tree_and_the_old_one_is_let_go() {
+    let pod_fs = tempfile::tempdir().unwrap();
+    let fake = fake_kube::FakeKube::start(pod_fs.path()).await;
+    fake.set_pods(&["web-1"]);
+    let p = util::Project::with_yaml(
+        "services:\n  web:\n    target:\n      kubernetes: {selector: app=web, root: /app}\n    sync:\n      - from: src\n",
+    );
+    p.write("a.txt", b"alpha");
+    p.write("d/b.txt", b"beta");
+    let kubeconfig = fake.kubeconfig(p.dir.path());
+    let mut w = tokio::task::block_in_place(|| {
+        let mut child = p.cmd(&["--json", "watch"]);
+        child.env("KUBECONFIG", &kubeconfig).env("DEVLOOP_AGENT_STATIC", local_agent());
+        util::Watching::spawn(child, 1)
+    });
+    assert_eq!(std::fs::read(fake.file("web-1", "/app/d/b.txt")).unwrap(), b"beta");
+
+    // A rollout: web-1 goes, web-2 comes; an edit lands meanwhile.
+    fake.set_pods(&["web-2"]);
+    p.replace("a.txt", b"alpha 2");
+    let gone = w.wait_event("warning", std::time::Duration::from_secs(10));
+    assert!(gone["message"].as_str().unwrap().contains("pod web-1 is gone"), "{gone}");
+    let next = w.wait_event("agent_connected", std::time::Duration::from_secs(10));
+    assert_eq!(next["service"], "web/web-2");
+    w.wait_event("in_sync", std::time::Duration::from_secs(10));
+    assert_eq!(std::fs::read(fake.file("web-2", "/app/a.txt")).unwrap(), b"alpha 2");
+    assert_eq!(std::fs::read(fake.file("web-2", "/app/d/b.txt")).unwrap(), b"beta");
+    // The new pod got its own upload; the list is what devloop follows.
+    let reqs = fake.requests();
+    assert_eq!(reqs.iter().filter(|r| r.starts_with("EXEC sh -c head")).count(), 2, "{reqs:#?}");
+    assert!(reqs.iter().filter(|r| r.starts_with("GET /api/v1/namespaces/dev/pods?")).count() >= 2, "{reqs:#?}");
     assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
 }

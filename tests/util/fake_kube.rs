@@ -1,11 +1,13 @@
 //! A loopback stand-in for an API server and its kubelet, for testing the
 //! Kubernetes target's request sequence without a cluster.
 //!
-//! It knows one pod, `dev/web` (container `main`), and serves what devloop
-//! asks of it: the pod, its log (held open, empty), exec and port-forward
-//! over WebSocket (`v4.channel.k8s.io`). Exec runs the command on this
-//! machine, with the pod's paths (`/tmp/...`, the sync root) moved under a
-//! temporary directory; port-forward connects to the port on loopback. So
+//! It knows the pods of namespace `dev` (at first one, `web`; the test can
+//! replace them, as a rollout does), each with a container `main`, and
+//! serves what devloop asks of them: a pod, the list, a log (held open,
+//! empty), exec and port-forward over WebSocket (`v4.channel.k8s.io`).
+//! Exec runs the command on this machine, with the pod's paths (`/tmp/...`,
+//! the sync root) moved under the pod's own directory (`<root>/<pod>`);
+//! port-forward connects to the port on loopback. So
 //! the real agent is uploaded, verified, started and reached exactly as in
 //! a pod, and the test can see every request, count the bytes that went up,
 //! and cut every port-forward to see devloop recover.
@@ -28,8 +30,9 @@ pub struct FakeKube {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Bytes received on exec stdin streams.
     pub stdin_bytes: Arc<AtomicU64>,
-    /// The pod's filesystem: `/tmp/x` in the pod is `<root>/tmp/x` here.
+    /// The pods' filesystems: `/tmp/x` in pod P is `<root>/P/tmp/x` here.
     pub root: PathBuf,
+    pods: Arc<Mutex<Vec<String>>>,
     cut: broadcast::Sender<()>,
 }
 
@@ -39,18 +42,20 @@ impl FakeKube {
     pub async fn start(pod_root: &Path) -> FakeKube {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        std::fs::create_dir_all(pod_root.join("tmp")).unwrap();
         let fake = FakeKube {
             url,
             log: Arc::default(),
             stdin_bytes: Arc::default(),
             root: pod_root.to_path_buf(),
+            pods: Arc::default(),
             cut: broadcast::channel(4).0,
         };
+        fake.set_pods(&["web"]);
         let ctx = Ctx {
             log: fake.log.clone(),
             stdin: fake.stdin_bytes.clone(),
             root: fake.root.clone(),
+            pods: fake.pods.clone(),
             cut: fake.cut.clone(),
         };
         tokio::spawn(async move {
@@ -76,6 +81,19 @@ impl FakeKube {
         path
     }
 
+    /// The pods there are from now on (each with its own filesystem).
+    pub fn set_pods(&self, names: &[&str]) {
+        for n in names {
+            std::fs::create_dir_all(self.root.join(n).join("tmp")).unwrap();
+        }
+        *self.pods.lock().unwrap() = names.iter().map(|n| n.to_string()).collect();
+    }
+
+    /// Where pod `pod` keeps `path`.
+    pub fn file(&self, pod: &str, path: &str) -> PathBuf {
+        self.root.join(pod).join(path.trim_start_matches('/'))
+    }
+
     /// Cuts every open port-forward, as a flaky API server or load balancer
     /// does; exec streams stay.
     pub fn cut_port_forwards(&self) {
@@ -93,13 +111,14 @@ struct Ctx {
     log: Arc<Mutex<Vec<String>>>,
     stdin: Arc<AtomicU64>,
     root: PathBuf,
+    pods: Arc<Mutex<Vec<String>>>,
     cut: broadcast::Sender<()>,
 }
 
-fn pod_json() -> String {
+fn pod_json(name: &str) -> String {
     serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web", "namespace": "dev", "labels": {"app": "web"}},
+        "metadata": {"name": name, "namespace": "dev", "labels": {"app": "web"}},
         "spec": {"containers": [{"name": "main", "image": "x"}]},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
     })
@@ -169,10 +188,12 @@ async fn serve(sock: TcpStream, ctx: Ctx) {
                 return;
             }
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            let pod = base.split('/').nth(6).unwrap_or("").to_string();
             if base.ends_with("/exec") {
                 let cmd = query(&path, "command");
                 ctx.log.lock().unwrap().push(format!("EXEC {}", cmd.join(" ")));
-                exec(ws, cmd, query(&path, "stdin").first().map(String::as_str) == Some("true"), &ctx).await;
+                let stdin = query(&path, "stdin").first().map(String::as_str) == Some("true");
+                exec(ws, cmd, stdin, &ctx.root.join(&pod), &ctx).await;
             } else if base.ends_with("/portforward") {
                 let port: u16 = query(&path, "ports").first().and_then(|p| p.parse().ok()).unwrap_or(0);
                 ctx.log.lock().unwrap().push(format!("PORTFORWARD {port}"));
@@ -182,14 +203,19 @@ async fn serve(sock: TcpStream, ctx: Ctx) {
         }
 
         ctx.log.lock().unwrap().push(format!("{method} {path}"));
-        let (status, body) = if base == "/api/v1/namespaces/dev/pods/web" {
-            (200, pod_json())
-        } else if base == "/api/v1/namespaces/dev/pods" {
-            (
-                200,
-                format!("{{\"apiVersion\":\"v1\",\"kind\":\"PodList\",\"metadata\":{{}},\"items\":[{}]}}", pod_json()),
-            )
-        } else if base == "/api/v1/namespaces/dev/pods/web/log" {
+        let pods = ctx.pods.lock().unwrap().clone();
+        let named: Option<Vec<&str>> =
+            base.strip_prefix("/api/v1/namespaces/dev/pods/").map(|r| r.split('/').collect());
+        let (status, body) = if base == "/api/v1/namespaces/dev/pods" {
+            let items: Vec<String> = pods.iter().map(|p| pod_json(p)).collect();
+            let list = format!(
+                "{{\"apiVersion\":\"v1\",\"kind\":\"PodList\",\"metadata\":{{}},\"items\":[{}]}}",
+                items.join(",")
+            );
+            (200, list)
+        } else if let Some([name]) = named.as_deref().filter(|n| pods.iter().any(|p| p == n[0])) {
+            (200, pod_json(name))
+        } else if let Some([_, "log"]) = named.as_deref() {
             // A log that never says anything: hold the stream open.
             let _ = io
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n")
@@ -221,11 +247,11 @@ fn in_pod(root: &Path, arg: &str) -> String {
     arg.replace("/tmp/devloop-agent", &format!("{r}/tmp/devloop-agent"))
 }
 
-async fn exec<S>(ws: WebSocketStream<S>, cmd: Vec<String>, stdin: bool, ctx: &Ctx)
+async fn exec<S>(ws: WebSocketStream<S>, cmd: Vec<String>, stdin: bool, pod_root: &Path, ctx: &Ctx)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let args: Vec<String> = cmd.iter().map(|a| in_pod(&ctx.root, a)).collect();
+    let args: Vec<String> = cmd.iter().map(|a| in_pod(pod_root, a)).collect();
     let (mut tx, mut rx) = ws.split();
     let Some((prog, rest)) = args.split_first() else { return };
     let mut child = match tokio::process::Command::new(prog)
