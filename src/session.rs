@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+const WATCH_HINT: &str = "check fs.inotify.max_user_instances";
+
 /// How long a stopping agent gets to exit by itself before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -56,7 +58,7 @@ pub fn new_token() -> String {
 /// pod for a Kubernetes target.
 pub async fn run(svc: Service, mode: Mode, rep: Reporter, shutdown: watch::Receiver<bool>) -> Outcome {
     match (&svc.target, Endpoint::of(&svc.target)) {
-        (_, Some(ep)) => run_endpoint(svc, ep, mode, rep, shutdown).await,
+        (_, Some(ep)) => run_endpoint(svc, ep, mode, rep, shutdown, None).await,
         (Target::Kubernetes(k), None) => {
             let k = k.clone();
             follow_pods(svc, k, mode, rep, shutdown).await
@@ -93,6 +95,20 @@ async fn follow_pods(
     if mode == Mode::Watch {
         wrap_for_restarts(&svc, &k, &cluster, &rep).await;
     }
+    // One watcher for every pod's session.
+    let hub = match mode {
+        Mode::Watch => match Watch::new() {
+            Ok((hub, _)) => Some(hub),
+            Err(e) => {
+                rep.send(Kind::Error {
+                    message: format!("cannot start the file watcher: {e}"),
+                    hint: Some(WATCH_HINT.into()),
+                });
+                return Outcome::Unreachable;
+            }
+        },
+        Mode::Once => None,
+    };
     // Per pod: how to stop its session, the session, and its log stream.
     let mut sessions: HashMap<String, PodSession> = HashMap::new();
     let mut waiting_said = false;
@@ -126,7 +142,8 @@ async fn follow_pods(
                     let (stop, stop_rx) = watch::channel(false);
                     let prep = rep.for_part(pod);
                     let logs = (mode == Mode::Watch).then(|| kubernetes::follow_logs(pe.clone(), prep.clone()));
-                    let task = tokio::spawn(run_endpoint(svc.clone(), Endpoint::Pod(pe), mode, prep, stop_rx));
+                    let sub = hub.as_ref().map(Watch::subscribe);
+                    let task = tokio::spawn(run_endpoint(svc.clone(), Endpoint::Pod(pe), mode, prep, stop_rx, sub));
                     sessions.insert(pod.clone(), PodSession { stop, task, logs });
                 }
                 let gone: Vec<String> = sessions.keys().filter(|p| !pods.contains(p)).cloned().collect();
@@ -227,19 +244,21 @@ async fn run_endpoint(
     mode: Mode,
     rep: Reporter,
     mut shutdown: watch::Receiver<bool>,
+    subscription: Option<(Watch, tokio::sync::mpsc::Receiver<crate::watch::Change>)>,
 ) -> Outcome {
-    let (watcher, mut changes) = match mode {
-        Mode::Watch => match Watch::new() {
+    let (watcher, mut changes) = match (mode, subscription) {
+        (Mode::Watch, Some((w, rx))) => (Some(w), Some(rx)),
+        (Mode::Watch, None) => match Watch::new() {
             Ok((w, rx)) => (Some(w), Some(rx)),
             Err(e) => {
                 rep.send(Kind::Error {
                     message: format!("cannot start the file watcher: {e}"),
-                    hint: Some("check fs.inotify.max_user_instances".into()),
+                    hint: Some(WATCH_HINT.into()),
                 });
                 return Outcome::Unreachable;
             }
         },
-        Mode::Once => (None, None),
+        (Mode::Once, _) => (None, None),
     };
     let mut engine = Engine::new(svc, rep.clone(), watcher);
     let mut attempt: u32 = 0;

@@ -5,16 +5,21 @@
 //! events. The sync engine adds a watch when it finds a new directory.
 //!
 //! The callback runs on notify's thread and must not block: it `try_send`s
-//! into a bounded channel. When the channel is full, the event is dropped
-//! and the overflow flag set; the engine then rescans everything, which is
-//! correct whatever was lost (events are only hints of where to look).
+//! into a bounded channel per subscriber. When a channel is full, the event
+//! is dropped and that subscriber's overflow flag set; its engine then
+//! rescans everything, which is correct whatever was lost (events are only
+//! hints of where to look).
+//!
+//! One watcher serves every session of a service: the sessions of a
+//! Kubernetes target's replicas [`subscribe`](Watch::subscribe) to the same
+//! inotify watches, so ten replicas cost one set of watches, not ten.
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -24,7 +29,7 @@ const QUEUE: usize = 8192;
 const WRITING_REMINDER: Duration = Duration::from_millis(100);
 
 /// What the watcher tells the engine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Change {
     /// These paths may have changed and are at rest: closed after writing,
     /// renamed, removed, chmod-ed, or a directory created.
@@ -39,18 +44,31 @@ pub enum Change {
     Rescan(String),
 }
 
+/// A subscription to a shared watcher. `add` and `remove_tree` act on the
+/// shared watches; the overflow flag is this subscriber's own.
 pub struct Watch {
+    watches: Arc<Mutex<Watches>>,
+    subscribers: Arc<Mutex<Vec<Subscriber>>>,
+    overflow: Arc<AtomicBool>,
+}
+
+/// The inotify watches. Locked only by engines, never by the callback:
+/// notify's `watch` waits on the thread that runs the callback.
+struct Watches {
     inner: notify::RecommendedWatcher,
     watched: HashSet<PathBuf>,
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<Change>,
     overflow: Arc<AtomicBool>,
 }
 
 impl Watch {
     /// Starts the watcher; changes arrive on the returned receiver.
     pub fn new() -> notify::Result<(Watch, mpsc::Receiver<Change>)> {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let overflow = Arc::new(AtomicBool::new(false));
-        let flag = overflow.clone();
+        let subscribers: Arc<Mutex<Vec<Subscriber>>> = Arc::default();
+        let subs = subscribers.clone();
         // Files this callback reported as being written, and when. Further
         // writes add nothing until they settle, so they are passed on at
         // most every [`WRITING_REMINDER`] (each would otherwise wake the
@@ -97,41 +115,73 @@ impl Watch {
                 }
                 Err(e) => Change::Rescan(format!("watcher error: {e}")),
             };
-            if tx.try_send(change).is_err() {
-                // Full (the engine is busy) or closed (shutting down).
-                flag.store(true, Ordering::Relaxed);
+            let mut subs = subs.lock().unwrap_or_else(|e| e.into_inner());
+            // A subscriber whose receiver is gone (its session ended) leaves.
+            subs.retain(|s| !s.tx.is_closed());
+            if let Some((last, rest)) = subs.split_last() {
+                for s in rest {
+                    if s.tx.try_send(change.clone()).is_err() {
+                        s.overflow.store(true, Ordering::Relaxed);
+                    }
+                }
+                if last.tx.try_send(change).is_err() {
+                    // Full: that engine is busy and will rescan.
+                    last.overflow.store(true, Ordering::Relaxed);
+                }
             }
         })?;
-        Ok((Watch { inner, watched: HashSet::new(), overflow }, rx))
+        let watches = Arc::new(Mutex::new(Watches { inner, watched: HashSet::new() }));
+        Ok(Watch { watches, subscribers, overflow: Arc::default() }.with_receiver())
     }
 
-    /// Watches one directory (not its subdirectories). Idempotent.
+    /// Another subscription to the same watches: every change from now on
+    /// arrives on its receiver too.
+    pub fn subscribe(&self) -> (Watch, mpsc::Receiver<Change>) {
+        Watch { watches: self.watches.clone(), subscribers: self.subscribers.clone(), overflow: Arc::default() }
+            .with_receiver()
+    }
+
+    fn with_receiver(self) -> (Watch, mpsc::Receiver<Change>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let sub = Subscriber { tx, overflow: self.overflow.clone() };
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(sub);
+        (self, rx)
+    }
+
+    fn watches(&self) -> std::sync::MutexGuard<'_, Watches> {
+        self.watches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches one directory (not its subdirectories). Idempotent, also
+    /// across subscribers.
     pub fn add(&mut self, dir: &Path) -> notify::Result<()> {
-        if self.watched.contains(dir) {
+        let mut w = self.watches();
+        if w.watched.contains(dir) {
             return Ok(());
         }
-        self.inner.watch(dir, RecursiveMode::NonRecursive)?;
-        self.watched.insert(dir.to_path_buf());
+        w.inner.watch(dir, RecursiveMode::NonRecursive)?;
+        w.watched.insert(dir.to_path_buf());
         Ok(())
     }
 
     /// Forgets a directory and every watched directory below it (after it
     /// was deleted; the kernel already dropped its watches).
     pub fn remove_tree(&mut self, dir: &Path) {
-        let gone: Vec<PathBuf> = self.watched.iter().filter(|p| p.starts_with(dir)).cloned().collect();
+        let mut w = self.watches();
+        let gone: Vec<PathBuf> = w.watched.iter().filter(|p| p.starts_with(dir)).cloned().collect();
         for p in gone {
-            let _ = self.inner.unwatch(&p);
-            self.watched.remove(&p);
+            let _ = w.inner.unwatch(&p);
+            w.watched.remove(&p);
         }
     }
 
     /// Number of directories watched.
     pub fn len(&self) -> usize {
-        self.watched.len()
+        self.watches().watched.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.watched.is_empty()
+        self.len() == 0
     }
 
     /// True (once) when events were dropped since the last call.

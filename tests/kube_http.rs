@@ -492,3 +492,43 @@ async fn a_replaced_pod_gets_the_agent_and_the_tree_and_the_old_one_is_let_go() 
     assert!(reqs.iter().filter(|r| r.starts_with("GET /api/v1/namespaces/dev/pods?")).count() >= 2, "{reqs:#?}");
     assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
 }
+
+/// inotify watches held by a process.
+fn inotify_watches(pid: u32) -> usize {
+    let mut n = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        if let Ok(info) = std::fs::read_to_string(fd.path()) {
+            n += info.lines().filter(|l| l.starts_with("inotify wd:")).count();
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_set_of_watches_and_each_gets_every_edit() {
+    let pod_fs = tempfile::tempdir().unwrap();
+    let fake = fake_kube::FakeKube::start(pod_fs.path()).await;
+    fake.set_pods(&["web-1", "web-2", "web-3"]);
+    let p = util::Project::with_yaml(
+        "services:\n  web:\n    target:\n      kubernetes: {selector: app=web, root: /app}\n    sync:\n      - from: src\n",
+    );
+    p.write("a.txt", b"alpha");
+    p.write("d/e/b.txt", b"beta");
+    let kubeconfig = fake.kubeconfig(p.dir.path());
+    let w = tokio::task::block_in_place(|| {
+        let mut child = p.cmd(&["--json", "watch"]);
+        child.env("KUBECONFIG", &kubeconfig).env("DEVLOOP_AGENT_STATIC", local_agent());
+        util::Watching::spawn(child, 3)
+    });
+    // src, src/d, src/d/e: three directories, watched once for three pods.
+    assert_eq!(inotify_watches(w.child.id()), 3);
+    p.replace("d/e/b.txt", b"beta 2");
+    let t0 = std::time::Instant::now();
+    for pod in ["web-1", "web-2", "web-3"] {
+        while std::fs::read(fake.file(pod, "/app/d/e/b.txt")).unwrap() != b"beta 2" {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{pod} never got the edit");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+}
