@@ -48,7 +48,7 @@ pub async fn run(cfg: Config) -> ExitCode {
             "devloop-agent {VERSION} protocol {PROTOCOL_VERSION} serving on stdio root {}",
             shared.root.display()
         );
-        let io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+        let io = tokio::io::join(stdin(), stdout());
         tokio::select! {
             r = session(io, shared.clone(), "stdio".into()) => if r { ExitCode::SUCCESS } else { ExitCode::FAILURE },
             _ = stop => ExitCode::SUCCESS,
@@ -91,6 +91,40 @@ pub async fn run(cfg: Config) -> ExitCode {
     };
     shared.app.shutdown().await;
     code
+}
+
+/// Stdin for the session. A pipe (the usual case: a child of devloop, an
+/// exec stream) is read on the runtime's own thread through epoll;
+/// tokio's `stdin()` reads on a helper thread and hands each chunk over,
+/// which costs every message a thread wake-up. Anything else (a tty, a
+/// socket) falls back to that.
+fn stdin() -> Box<dyn AsyncRead + Unpin + Send> {
+    match fifo(0).map(tokio::net::unix::pipe::Receiver::from_file) {
+        Some(Ok(r)) => Box::new(r),
+        _ => Box::new(tokio::io::stdin()),
+    }
+}
+
+/// Stdout for the session; see [`stdin`].
+fn stdout() -> Box<dyn AsyncWrite + Unpin + Send> {
+    match fifo(1).map(tokio::net::unix::pipe::Sender::from_file) {
+        Some(Ok(w)) => Box::new(w),
+        _ => Box::new(tokio::io::stdout()),
+    }
+}
+
+/// Standard fd `fd` as a File, if it is a pipe. In stdio mode only the
+/// session uses fds 0 and 1 (the token line was read before), and they stay
+/// open for the life of the process.
+fn fifo(fd: std::os::fd::RawFd) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    // SAFETY: fds 0 and 1 are open; ManuallyDrop keeps this probe from
+    // closing one that is not a pipe.
+    let probe = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let is_fifo = probe.metadata().is_ok_and(|m| m.file_type().is_fifo());
+    // SAFETY: as above; from here on the File owns the fd.
+    is_fifo.then(|| unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// Resolves when stdin reaches end of file (or fails), if `on`; never
