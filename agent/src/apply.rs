@@ -234,7 +234,10 @@ fn umask() -> u32 {
 
 fn temp_name(dir: &Path) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    dir.join(format!("{TEMP_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    // The pid, asked once: getpid is a system call on every edit otherwise.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
+    dir.join(format!("{TEMP_PREFIX}{pid}-{}", N.fetch_add(1, Ordering::Relaxed)))
 }
 
 fn write_file(dir: &Path, target: &Path, src: &mut impl Read, mode: u32) -> io::Result<u64> {
