@@ -198,6 +198,17 @@ async fn follow_pods(
 async fn wrap_for_restarts(svc: &Service, k: &KubeTarget, cluster: &kubernetes::Cluster, rep: &Reporter) {
     let Some(w) = workload::Workload::of(&k.pods) else { return };
     let want = svc.app.as_ref().is_some_and(|a| a.restart && a.spec.is_none());
+    let checked = match want {
+        true => kubernetes::check_shell(cluster, &k.pods, k.container.as_deref()).await,
+        false => Ok(()),
+    };
+    if let Err(e) = checked {
+        rep.send(Kind::Error {
+            message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),
+            hint: e.hint(),
+        });
+        return;
+    }
     if let Err(e) = workload::reconcile(cluster, &w, k.container.as_deref(), want, rep).await {
         rep.send(Kind::Error {
             message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),

@@ -271,8 +271,8 @@ impl Classifier {
             let Some(dir) = dirs.by_wd.get(&ev.wd) else { continue };
             let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
             let path = if name.is_empty() { dir.clone() } else { dir.join(std::ffi::OsStr::from_bytes(name)) };
-            let writing = ev.mask & libc::IN_MODIFY != 0
-                || (ev.mask & libc::IN_CREATE != 0 && ev.mask & libc::IN_ISDIR == 0);
+            let writing =
+                ev.mask & libc::IN_MODIFY != 0 || (ev.mask & libc::IN_CREATE != 0 && ev.mask & libc::IN_ISDIR == 0);
             if writing {
                 if self.writing.len() > 4096 {
                     self.writing.clear();

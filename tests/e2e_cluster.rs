@@ -806,5 +806,25 @@ async fn an_image_with_no_shell_is_synced_through_a_helper_container() {
     }
     let out = tokio::task::block_in_place(|| p.cmd(&["down"]).output().unwrap());
     assert_eq!(out.status.code(), Some(0), "a second down is fine: {}", String::from_utf8_lossy(&out.stdout));
+
+    println!("step: restarts need a shell in the image: refused before the workload is touched");
+    let before = deps.get("quiet").await.unwrap();
+    std::fs::write(
+        p.dir.path().join("devloop.yaml"),
+        format!(
+            "services:\n  quiet:\n    target:\n      kubernetes: {{namespace: {}, deployment: quiet, root: /app, helper_image: {}}}\n    sync:\n      - from: src\n    app: {{}}\n",
+            ns.name,
+            image()
+        ),
+    )
+    .unwrap();
+    // The check comes before any session starts, so before `watching`.
+    let w = tokio::task::block_in_place(|| p.watch());
+    let refusal = w.seen.iter().find(|e| e["type"] == "error").cloned();
+    let refusal = refusal.unwrap_or_else(|| panic!("no refusal:\n{}", w.dump()));
+    assert!(refusal["message"].as_str().unwrap().contains("no /bin/sh"), "{refusal}");
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+    let after = deps.get("quiet").await.unwrap();
+    assert_eq!(after.metadata.generation, before.metadata.generation, "the workload was not changed");
     drop(ns);
 }

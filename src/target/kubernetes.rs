@@ -344,6 +344,24 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
     Ok(remote)
 }
 
+/// Checks, in one ready pod (if there is one yet), that the container can
+/// run `/bin/sh`, as the restart wrapper must.
+pub async fn check_shell(c: &Cluster, sel: &PodSelector, configured: Option<&str>) -> Result<(), KubeError> {
+    let Some(pod) = ready_pods(c, sel).await?.into_iter().next() else { return Ok(()) };
+    let container = container(c, &pod, configured).await?;
+    let out = exec_output(c, &pod, &container, &["/bin/sh", "-c", "echo devloop-sh"], None).await?;
+    if out.trim() == "devloop-sh" {
+        return Ok(());
+    }
+    Err(KubeError::Workload {
+        what: format!("container `{container}` (pod {pod})"),
+        message: "it has no /bin/sh, which devloop's restart wrapper runs in".into(),
+        hint: "restarting the container's own process needs a shell in its image; remove `app:` (files still sync \
+               through a helper container), or give `run:` for a process the agent starts"
+            .into(),
+    })
+}
+
 /// Stops any agent devloop started in the pod and removes its binaries.
 /// Returns how many agent files there were. Safe to run again.
 pub async fn remove_agent(c: &Cluster, pod: &str, configured: Option<&str>) -> Result<usize, KubeError> {
