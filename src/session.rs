@@ -92,9 +92,10 @@ async fn follow_pods(
         Ok(a) => Arc::new(a),
         Err(e) => return fail(e),
     };
-    if mode == Mode::Watch {
-        wrap_for_restarts(&svc, &k, &cluster, &rep).await;
-    }
+    let wrapped = match mode {
+        Mode::Watch => wrap_for_restarts(&svc, &k, &cluster, &rep).await,
+        Mode::Once => None,
+    };
     // One watcher for every pod's session.
     let hub = match mode {
         Mode::Watch => match Watch::new() {
@@ -185,6 +186,9 @@ async fn follow_pods(
                 for (_, s) in sessions.drain() {
                     s.end().await;
                 }
+                if let Some(w) = &wrapped {
+                    unwrap_on_exit(w, &cluster, &rep).await;
+                }
                 return Outcome::Stopped;
             }
         }
@@ -195,25 +199,52 @@ async fn follow_pods(
 /// restarts the container's own process, or removes one a previous run
 /// left when it no longer does. A failure is reported, and syncing goes on
 /// (restarts then say they could not happen).
-async fn wrap_for_restarts(svc: &Service, k: &KubeTarget, cluster: &kubernetes::Cluster, rep: &Reporter) {
-    let Some(w) = workload::Workload::of(&k.pods) else { return };
+/// Returns the workload when the wrapper is in place (to be undone on exit).
+async fn wrap_for_restarts(
+    svc: &Service,
+    k: &KubeTarget,
+    cluster: &kubernetes::Cluster,
+    rep: &Reporter,
+) -> Option<workload::Workload> {
+    let w = workload::Workload::of(&k.pods)?;
     let want = svc.app.as_ref().is_some_and(|a| a.restart && a.spec.is_none());
     let checked = match want {
         true => kubernetes::check_shell(cluster, &k.pods, k.container.as_deref()).await,
         false => Ok(()),
     };
-    if let Err(e) = checked {
-        rep.send(Kind::Error {
-            message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),
-            hint: e.hint(),
-        });
-        return;
+    let done = match checked {
+        Ok(()) => workload::reconcile(cluster, &w, k.container.as_deref(), want, rep).await,
+        Err(e) => Err(e),
+    };
+    match done {
+        Ok(workload::Done::Wrapped | workload::Done::Kept) => Some(w),
+        Ok(_) => None,
+        Err(e) => {
+            rep.send(Kind::Error {
+                message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),
+                hint: e.hint(),
+            });
+            None
+        }
     }
-    if let Err(e) = workload::reconcile(cluster, &w, k.container.as_deref(), want, rep).await {
-        rep.send(Kind::Error {
-            message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),
-            hint: e.hint(),
-        });
+}
+
+/// Invariant 5: what devloop changed in the cluster is undone when it
+/// exits. (After a crash, `devloop down` or the next start does it.)
+async fn unwrap_on_exit(w: &workload::Workload, cluster: &kubernetes::Cluster, rep: &Reporter) {
+    match workload::restore(cluster, w).await {
+        Ok(Some(container)) => rep.send(Kind::WorkloadChanged {
+            workload: w.describe(),
+            change: format!(
+                "container `{container}` restored to its own command; its pods roll out \
+                 (`devloop down` also removes the wrapper's old ReplicaSet)"
+            ),
+        }),
+        Ok(None) => {}
+        Err(e) => rep.send(Kind::Error {
+            message: format!("cannot restore {}: {}", w.describe(), error_chain(&e)),
+            hint: Some("run `devloop down` to restore it".into()),
+        }),
     }
 }
 

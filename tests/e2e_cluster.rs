@@ -698,6 +698,36 @@ async fn restart_keeps_synced_files_and_down_leaves_the_namespace_as_it_was() {
     }
     println!("  agent gone {} ms after devloop", t0.elapsed().as_millis());
 
+    println!("step: the next start keeps the crashed run's wrapper (no second rollout) and restarts still work");
+    let w = tokio::task::block_in_place(|| p.watch());
+    assert!(!w.seen.iter().any(|e| e["type"] == "workload_changed"), "{}", w.dump());
+    let mut w = w;
+    p.replace("version.txt", b"v3");
+    tokio::task::block_in_place(|| w.wait_for("`started v3`", Duration::from_secs(60), started_with("v3")));
+
+    println!("step: a clean exit (Ctrl-C) puts the workload back");
+    let (code, seen) = tokio::task::block_in_place(move || {
+        let mut w = w;
+        unsafe { libc::kill(w.child.id() as i32, libc::SIGINT) };
+        let status = w.child.wait().unwrap();
+        w.drain();
+        (status.code(), w.seen.clone())
+    });
+    assert_eq!(code, Some(0));
+    let restored = seen.iter().rev().find(|e| e["type"] == "workload_changed").expect("a restore event");
+    assert!(restored["change"].as_str().unwrap().contains("restored"), "{restored}");
+    let d = deps.get("app").await.unwrap();
+    assert!(!d.metadata.annotations.unwrap_or_default().contains_key("devloop.dev/restart-wrapper"));
+    let main = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!((main.command.clone(), main.args.clone()), (None, Some(vec!["sh".into(), "-c".into(), app.into()])));
+    rolled_out(&client, &ns.name, "app").await;
+
+    println!("step: wrapped again, then devloop crashes once more");
+    let mut w = tokio::task::block_in_place(|| p.watch());
+    tokio::task::block_in_place(|| w.wait_for("`started v3`", Duration::from_secs(120), started_with("v3")));
+    w.child.kill().unwrap();
+    let _ = w.child.wait();
+
     println!("step: down (after that crash) restores the workload; a second down finds nothing");
     let down = || {
         let out = p.cmd(&["down"]).output().unwrap();
