@@ -644,17 +644,26 @@ impl Engine {
         let bytes: u64 = writes.iter().map(|w| w.size).sum();
         self.batches += 1;
         let files = writes.len() as u64;
-        self.rep.send(Kind::SyncStarted { batch: self.batches, initial, files, deletes: deletes.len() as u64, bytes });
+        let started = Kind::SyncStarted { batch: self.batches, initial, files, deletes: deletes.len() as u64, bytes };
         let closed = || LinkError::Lost("connection closed while sending".into());
         let inline =
             bytes <= INLINE_BATCH_MAX && writes.iter().all(|w| w.kind != EntryKind::File || w.content.is_some());
+        if writes.is_empty() || !inline {
+            self.rep.send(started.clone());
+        }
         let (sent, applied) = if writes.is_empty() {
             (Vec::new(), link.begin_batch(deletes.clone(), commands, restart, false).await?.applied)
         } else if inline {
             // The fast path for an edit: built in memory, sent in one write.
             let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
             let sent = build_archive(&mut buf, writes);
-            (sent, link.inline_batch(deletes.clone(), commands, restart, &buf)?)
+            let applied = link.inline_batch(deletes.clone(), commands, restart, &buf)?;
+            // Let the writer put it on the wire before anything else runs
+            // here: the event's printer, woken first, would push the writer
+            // off this thread's next-task slot and wake another thread.
+            tokio::task::yield_now().await;
+            self.rep.send(started);
+            (sent, applied)
         } else {
             let pending = link.begin_batch(deletes.clone(), commands, restart, true).await?;
             let stream = pending.stream.ok_or_else(closed)?;
