@@ -532,3 +532,22 @@ async fn replicas_share_one_set_of_watches_and_each_gets_every_edit() {
     }
     assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
 }
+
+#[tokio::test]
+async fn a_shell_less_container_in_a_shared_process_namespace_is_refused_with_the_reason() {
+    let mut p = pod("web", "Running", true, false);
+    p["spec"]["shareProcessNamespace"] = true.into();
+    let (url, seen) = scripted_server(vec![Step {
+        request: "GET /api/v1/namespaces/dev/pods/web",
+        status: 200,
+        body: p.to_string(),
+    }])
+    .await;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let rep = devloop::events::Reporter::new("web", tx);
+    let e =
+        devloop::target::helper::ensure(&cluster(&url).await, "web", "main", "busybox:1.36", &rep).await.unwrap_err();
+    assert!(e.to_string().contains("shares one process namespace"), "{e}");
+    assert!(e.hint().unwrap().contains("shareProcessNamespace: false"), "{:?}", e.hint());
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing is patched");
+}

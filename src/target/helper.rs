@@ -39,6 +39,17 @@ pub fn root_in_helper(root: &str) -> String {
 pub async fn ensure(c: &Cluster, pod: &str, container: &str, image: &str, rep: &Reporter) -> Result<String, KubeError> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
     let p = pods.get(pod).await.map_err(|e| api_err(format!("get pod {pod}"), e))?;
+    if p.spec.as_ref().and_then(|s| s.share_process_namespace) == Some(true) {
+        // Then PID 1 is the pod's pause process, not the target's: the
+        // helper could not tell which root is the container's.
+        return Err(KubeError::Workload {
+            what: format!("container `{container}` in pod {pod}"),
+            message: "it has no shell, and the pod shares one process namespace across containers".into(),
+            hint: "images with no shell are synced through a helper container, which needs \
+                   `shareProcessNamespace: false` (the default); or use an image with `sh`"
+                .into(),
+        });
+    }
     let ours: Vec<(String, Option<String>)> = p
         .spec
         .iter()
