@@ -13,6 +13,7 @@ pub mod exec;
 pub mod helper;
 pub mod kubernetes;
 pub mod local;
+mod pod_link;
 pub mod workload;
 
 use crate::config::{Target, TokenVia};
@@ -85,7 +86,7 @@ enum ProcessKind {
     /// The exec stream, and the tasks forwarding its output.
     Remote(kube::api::AttachedProcess, Vec<tokio::task::JoinHandle<()>>),
     /// An agent listening in a pod, reached through a port-forward.
-    Forwarded(Box<kubernetes::Forwarded>),
+    Forwarded(Box<pod_link::Forwarded>),
 }
 
 impl Process {
@@ -93,7 +94,7 @@ impl Process {
         Process { kind: ProcessKind::Remote(p, forwarders) }
     }
 
-    fn forwarded(f: kubernetes::Forwarded) -> Process {
+    fn forwarded(f: pod_link::Forwarded) -> Process {
         Process { kind: ProcessKind::Forwarded(Box::new(f)) }
     }
 
