@@ -1,7 +1,8 @@
 //! Sync benchmarks on the local target, each against its floor measured in
 //! the same run. Run with `bench/run` (builds the release binaries first).
 //!
-//! 1. edit-to-visible latency of a 1 KiB edit, p50/p99 over N edits,
+//! 1. edit-to-visible latency of a 1 KiB edit, p50/p99 over N edits (three
+//!    rounds; the median round is the figure),
 //!    against an inotify watcher that copies the file itself;
 //! 2. initial sync of a repo-like tree (~20k files, a few large binaries,
 //!    ~300 MB) against `tar -c | tar -x` through a pipe;
@@ -146,8 +147,13 @@ impl Observer {
     }
 }
 
+/// Rounds of the latency part: this VM's timings drift between runs (the
+/// floor alone moves 0.17-0.21 ms), so each round is judged against its own
+/// floor and the median round is the figure.
+const LATENCY_ROUNDS: usize = 3;
+
 fn bench_latency(n: usize) {
-    println!("## 1. edit-to-visible latency, 1 KiB file, {n} edits each, interleaved");
+    println!("## 1. edit-to-visible latency, 1 KiB file, {LATENCY_ROUNDS} rounds of {n} edits each, interleaved");
     let d = tempfile::tempdir().unwrap();
     let (fsrc, fdst, src, dst) =
         (d.path().join("fsrc"), d.path().join("fdst"), d.path().join("src"), d.path().join("out"));
@@ -169,22 +175,30 @@ fn bench_latency(n: usize) {
     let w = Watch::start(d.path());
     let floor_obs = Observer::new(fsrc.join("f.txt"), fdst.join("f.txt"));
     let ours_obs = Observer::new(src.join("f.txt"), dst.join("f.txt"));
-    let (mut f, mut o) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    // Alternate, so both see the same machine state; pause between edits
-    // so each starts from idle, like a person typing.
-    for i in 0..n {
-        f.push(floor_obs.edit(i));
-        std::thread::sleep(Duration::from_millis(3));
-        o.push(ours_obs.edit(i));
-        std::thread::sleep(Duration::from_millis(3));
+    let mut rounds = Vec::new();
+    for r in 0..LATENCY_ROUNDS {
+        let (mut f, mut o) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        // Alternate, so both see the same machine state; pause between
+        // edits so each starts from idle, like a person typing.
+        for i in 0..n {
+            f.push(floor_obs.edit(r * n + i));
+            std::thread::sleep(Duration::from_millis(3));
+            o.push(ours_obs.edit(r * n + i));
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        let (f50, f99, o50, o99) =
+            (percentile(&mut f, 0.5), percentile(&mut f, 0.99), percentile(&mut o, 0.5), percentile(&mut o, 0.99));
+        println!(
+            "round {}: floor (inotify + copy) p50 {f50:.3} ms p99 {f99:.3} ms | devloop (local agent) p50 {o50:.3} ms p99 {o99:.3} ms | ratio p50 {:.2}x",
+            r + 1,
+            o50 / f50
+        );
+        rounds.push(o50 / f50);
     }
     drop(w);
     drop(copier);
-    let (f50, f99, o50, o99) =
-        (percentile(&mut f, 0.5), percentile(&mut f, 0.99), percentile(&mut o, 0.5), percentile(&mut o, 0.99));
-    println!("floor (inotify + copy): p50 {f50:.3} ms  p99 {f99:.3} ms");
-    println!("devloop (local agent):  p50 {o50:.3} ms  p99 {o99:.3} ms");
-    println!("ratio p50 {:.2}x  p99 {:.2}x   (target: p50 within 3x)\n", o50 / f50, o99 / f99);
+    let median = percentile(&mut rounds, 0.5);
+    println!("ratio p50, median round: {median:.2}x   (target: p50 within 3x)\n");
 }
 
 /// A repo-like tree: `files` small files in nested dirs plus `big` binaries.
