@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -61,6 +62,10 @@ struct Write_ {
     /// Content already read (and its hash), for small files.
     content: Option<(Vec<u8>, u64)>,
 }
+
+/// Each target path's kind, size and mode: what a source file must match to
+/// possibly be equal.
+type TargetShapes = HashMap<String, (EntryKind, u64, u32)>;
 
 #[derive(Default)]
 struct Plan {
@@ -175,13 +180,24 @@ impl Engine {
         let t0 = Instant::now();
         let (found, pruned) = tokio::task::block_in_place(|| self.scan_source());
         let unders: Vec<String> = self.rules.iter().map(|r| r.to.clone()).collect();
-        // Hash the source while the agent indexes the target.
-        let hashing = tokio::task::spawn_blocking(move || {
-            let mut sk = Vec::new();
-            let r = index::hash_all(found, &mut sk);
-            (r, sk)
+        // Hash the source while the agent indexes the target. Once the
+        // target's index is in, only files it holds with the same size and
+        // mode can be equal; the rest travel anyway (and are hashed as they
+        // are read for sending), so their hashing is skipped: a first sync
+        // into an empty target reads each file once, not twice.
+        let known: Arc<OnceLock<TargetShapes>> = Arc::default();
+        let hashing = tokio::task::spawn_blocking({
+            let known = known.clone();
+            move || {
+                let mut sk = Vec::new();
+                let skip =
+                    |f: &Found| known.get().is_some_and(|k| k.get(&f.path) != Some(&(EntryKind::File, f.size, f.mode)));
+                let r = index::hash_unless(found, &mut sk, &skip);
+                (r, sk)
+            }
         });
         let target = link.index(unders, pruned.clone()).await?;
+        let _ = known.set(target.iter().map(|e| (e.path.clone(), (e.kind, e.size, e.mode))).collect());
         let (src, skipped) = hashing.await.unwrap_or_default();
         for s in skipped {
             self.warn(format!("skipped {}: {}", s.abs.display(), s.reason));
@@ -651,6 +667,13 @@ impl Engine {
         if writes.is_empty() || !inline {
             self.rep.send(started.clone());
         }
+        // Files read only now, as the archive is built: one that cannot be
+        // read is left out, and said so here.
+        let to_read: Vec<(String, PathBuf)> = writes
+            .iter()
+            .filter(|w| w.kind == EntryKind::File && w.content.is_none())
+            .map(|w| (w.wire.clone(), w.abs.clone()))
+            .collect();
         let (sent, applied) = if writes.is_empty() {
             (Vec::new(), link.begin_batch(deletes.clone(), commands, restart, false).await?.applied)
         } else if inline {
@@ -678,6 +701,17 @@ impl Engine {
                 _ => return Err(closed()),
             }
         };
+        if !to_read.is_empty() {
+            let got: HashSet<&str> = sent.iter().map(|e| e.path.as_str()).collect();
+            for (wire, abs) in &to_read {
+                if !got.contains(wire.as_str()) {
+                    self.warn(format!(
+                        "skipped {}: it could not be read; it is synced when it changes again",
+                        abs.display()
+                    ));
+                }
+            }
+        }
         let Applied { written, deleted, bytes, errors, .. } =
             applied.await.map_err(|_| LinkError::Lost("connection closed".into()))??;
         for d in &deletes {

@@ -153,10 +153,21 @@ pub fn hash_bytes(b: &[u8]) -> u64 {
 /// the same order. Files that vanish or cannot be read are dropped and
 /// reported in `skipped`: they will be seen again by the next event or sync.
 pub fn hash_all(found: Vec<Found>, skipped: &mut Vec<Skipped>) -> Vec<(Found, Entry)> {
+    hash_unless(found, skipped, &|_| false)
+}
+
+/// [`hash_all`], except that files for which `skip` holds (asked when the
+/// file's turn comes) are not read: their entries carry hash 0. For
+/// callers that learn, while hashing, which files cannot be equal anyway.
+pub fn hash_unless(
+    found: Vec<Found>,
+    skipped: &mut Vec<Skipped>,
+    skip: &(dyn Fn(&Found) -> bool + Sync),
+) -> Vec<(Found, Entry)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let total_bytes: u64 = found.iter().map(|f| f.size).sum();
     let hash_one = |f: Found| -> Result<(Found, Entry), Skipped> {
-        let hash = if f.kind == EntryKind::File {
+        let hash = if f.kind == EntryKind::File && !skip(&f) {
             match hash_file(&f.abs) {
                 Ok((h, len)) if len == f.size => h,
                 Ok(_) => return Err(Skipped { abs: f.abs, reason: "changed while being read".into() }),
