@@ -445,5 +445,5 @@ pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Star
             }
         }
     }
-    pod_link::start_stdio(ep, &container, remote, root, token, rep).await.map_err(wrap)
+    pod_link::start_stdio(ep, &container, &remote, &root, token, rep).await.map_err(wrap)
 }

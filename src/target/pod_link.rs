@@ -33,21 +33,9 @@ pub(super) async fn start_forwarded(
     rep: &Reporter,
 ) -> Result<Started, Step> {
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
-    let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
     let cmd = [remote, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", root];
-    let mut p = pods
-        .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
-        .await
-        .map_err(|e| Step::Start(api_err(format!("start the agent in pod {}", ep.pod), e)))?;
-    let (Some(mut stdin), Some(stdout)) = (p.stdin(), p.stdout()) else {
-        return Err(Step::Start(KubeError::Unsupported {
-            what: format!("exec in pod {}", ep.pod),
-            message: "no stdio".into(),
-        }));
-    };
-    let _ = stdin.write_all(format!("{token}\n").as_bytes()).await;
-    let _ = stdin.flush().await;
-    let forwarders = forward_stderr(&mut p, rep);
+    let Launched { process, stdin, stdout, forwarders } =
+        launch(ep, container, &cmd, token, rep).await.map_err(Step::Start)?;
     // "devloop-agent V protocol N listening on 127.0.0.1:PORT root DIR"
     let mut out = BufReader::new(stdout);
     let mut line = String::new();
@@ -58,7 +46,7 @@ pub(super) async fn start_forwarded(
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .map(|a| a.port());
     let Some(port) = port else {
-        p.abort();
+        process.abort();
         for f in &forwarders {
             f.abort();
         }
@@ -83,8 +71,16 @@ pub(super) async fn start_forwarded(
         let mut sink = tokio::io::sink();
         let _ = tokio::io::copy(&mut out, &mut sink).await;
     });
-    let mut f =
-        Forwarded { exec: p, stdin: Box::new(stdin), forwarders, alive, pods, pod: ep.pod.clone(), port, pf: None };
+    let mut f = Forwarded {
+        exec: process,
+        stdin: Box::new(stdin),
+        forwarders,
+        alive,
+        pods,
+        pod: ep.pod.clone(),
+        port,
+        pf: None,
+    };
     match f.open().await {
         Ok(io) => Ok(Started { io, process: Process::forwarded(f), via: format!("port-forward 127.0.0.1:{port}") }),
         Err(e) => {
@@ -168,6 +164,46 @@ impl Forwarded {
     }
 }
 
+/// The agent, started by an exec with its token handed over on stdin.
+struct Launched {
+    process: kube::api::AttachedProcess,
+    stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    stdout: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Runs `cmd` (the agent) in the container, hands it the session token as
+/// the first line of its stdin, and passes its stderr on as log lines.
+async fn launch(
+    ep: &PodEndpoint,
+    container: &str,
+    cmd: &[&str],
+    token: &str,
+    rep: &Reporter,
+) -> Result<Launched, KubeError> {
+    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+    let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
+    let mut process = pods
+        .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
+        .await
+        .map_err(|e| api_err(format!("start the agent in pod {}", ep.pod), e))?;
+    let what = || format!("exec in pod {}", ep.pod);
+    let (Some(stdin), Some(stdout)) = (process.stdin(), process.stdout()) else {
+        return Err(KubeError::Unsupported { what: what(), message: "no stdio".into() });
+    };
+    let (mut stdin, stdout) = (Box::pin(stdin), Box::pin(stdout));
+    let handed = async {
+        stdin.write_all(format!("{token}\n").as_bytes()).await?;
+        stdin.flush().await
+    };
+    if let Err(e) = handed.await {
+        process.abort();
+        return Err(KubeError::Unsupported { what: what(), message: format!("cannot hand the agent its token: {e}") });
+    }
+    let forwarders = forward_stderr(&mut process, rep);
+    Ok(Launched { process, stdin, stdout, forwarders })
+}
+
 /// Passes the agent's stderr on as log lines.
 fn forward_stderr(p: &mut kube::api::AttachedProcess, rep: &Reporter) -> Vec<tokio::task::JoinHandle<()>> {
     let Some(stderr) = p.stderr() else { return Vec::new() };
@@ -184,29 +220,16 @@ fn forward_stderr(p: &mut kube::api::AttachedProcess, rep: &Reporter) -> Vec<tok
 pub(super) async fn start_stdio(
     ep: &PodEndpoint,
     container: &str,
-    remote: String,
-    root: String,
+    remote: &str,
+    root: &str,
     token: &str,
     rep: &Reporter,
 ) -> Result<Started, KubeError> {
-    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
-    let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
-    let cmd = vec![remote, "serve".into(), "--stdio".into(), "--token-stdin".into(), "--root".into(), root];
-    let mut p =
-        pods.exec(&ep.pod, cmd, &ap).await.map_err(|e| api_err(format!("start the agent in pod {}", ep.pod), e))?;
-    let (Some(mut stdin), Some(stdout)) = (p.stdin(), p.stdout()) else {
-        return Err(KubeError::Unsupported { what: format!("exec in pod {}", ep.pod), message: "no stdio".into() });
-    };
-    if let Err(e) = stdin.write_all(format!("{token}\n").as_bytes()).await {
-        return Err(KubeError::Unsupported {
-            what: format!("exec in pod {}", ep.pod),
-            message: format!("cannot hand the agent its token: {e}"),
-        });
-    }
-    let forwarders = forward_stderr(&mut p, rep);
+    let cmd = [remote, "serve", "--stdio", "--token-stdin", "--root", root];
+    let Launched { process, stdin, stdout, forwarders } = launch(ep, container, &cmd, token, rep).await?;
     Ok(Started {
         io: Box::new(tokio::io::join(stdout, stdin)),
-        process: Process::remote(p, forwarders),
+        process: Process::remote(process, forwarders),
         via: "exec".into(),
     })
 }

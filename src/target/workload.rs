@@ -12,12 +12,12 @@
 //! start that finds the wrapper already there (a crash of the previous
 //! run) keeps it instead of wrapping it twice.
 
-use super::kubernetes::{api_err, exec_output, is_ready, Cluster, KubeError};
+use super::kubernetes::{api_err, exec_output, ready_pods, Cluster, KubeError};
 use crate::config::PodSelector;
 use crate::events::{Kind, Reporter};
 use devloop_agent::protocol::CommandSpec;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -86,6 +86,14 @@ impl Workload {
             PodSelector::Deployment(d) => Some(Workload::Deployment(d.clone())),
             PodSelector::StatefulSet(s) => Some(Workload::StatefulSet(s.clone())),
             _ => None,
+        }
+    }
+
+    /// How its pods are found.
+    pub fn pods(&self) -> PodSelector {
+        match self {
+            Workload::Deployment(n) => PodSelector::Deployment(n.clone()),
+            Workload::StatefulSet(n) => PodSelector::StatefulSet(n.clone()),
         }
     }
 
@@ -314,25 +322,11 @@ pub async fn remove_wrapper_rollouts(c: &Cluster, w: &Workload) -> Result<(usize
 /// accepted only when it ends with those args, since a process that
 /// exec'd something else no longer shows how it was started.
 async fn running_argv(c: &Cluster, w: &Workload, container: &str, args: &[String]) -> Result<Vec<String>, KubeError> {
-    let (_, template) = w.get(c).await?;
-    let labels: Vec<String> = template
-        .metadata
-        .and_then(|m| m.labels)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
-    let list = pods
-        .list(&ListParams::default().labels(&labels.join(",")))
-        .await
-        .map_err(|e| api_err(format!("list the pods of {}", w.describe()), e))?;
-    let pod =
-        list.items.into_iter().filter(is_ready).find_map(|p| p.metadata.name).ok_or_else(|| KubeError::Workload {
-            what: w.describe(),
-            message: "its container gives no `command`, and no pod is ready to read the image's entrypoint from".into(),
-            hint: "set `command:` on the container in the workload, or start devloop again once a pod is ready".into(),
-        })?;
+    let pod = ready_pods(c, &w.pods()).await?.into_iter().next().ok_or_else(|| KubeError::Workload {
+        what: w.describe(),
+        message: "its container gives no `command`, and no pod is ready to read the image's entrypoint from".into(),
+        hint: "set `command:` on the container in the workload, or start devloop again once a pod is ready".into(),
+    })?;
     let raw = exec_output(c, &pod, container, &["cat", "/proc/1/cmdline"], None).await?;
     let argv: Vec<String> = raw.split('\0').filter(|s| !s.is_empty()).map(String::from).collect();
     if argv.ends_with(args) {
