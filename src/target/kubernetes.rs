@@ -88,7 +88,7 @@ impl KubeError {
             KubeError::Checksum { .. } => "the container's /tmp may be full or read-only; devloop will retry".into(),
             KubeError::Timeout { .. } => "the pod or the API server is slow or stuck; devloop will retry".into(),
             KubeError::NoStaticAgent { .. } => format!(
-                "build it with `scripts/build-agent` (it lands where devloop looks), or set {AGENT_STATIC_ENV} to a statically linked devloop-agent"
+                "install devloop with `scripts/install` (it puts the static agent next to devloop), build it with `scripts/build-agent` in the source tree, or set {AGENT_STATIC_ENV} to a statically linked devloop-agent"
             ),
         })
     }
