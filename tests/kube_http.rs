@@ -6,7 +6,7 @@
 use devloop::config::PodSelector;
 use devloop::target::kubernetes::{ready_pods, Cluster, KubeError};
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 /// One scripted answer: the request it expects (method and path with
@@ -40,29 +40,10 @@ async fn scripted_server_with_bodies(script: Vec<Step>) -> (String, Arc<Mutex<Ve
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
                 let mut r = BufReader::new(r);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    let _ = r.read_exact(&mut body).await;
-                    let request = line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                while let Some(req) = fake_kube::read_request(&mut r).await {
+                    let request = format!("{} {}", req.method, req.path);
                     log.lock().unwrap().push(request.clone());
-                    body_log.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                    body_log.lock().unwrap().push(String::from_utf8_lossy(&req.body).into_owned());
                     let step = script.lock().unwrap().pop_front();
                     let (status, body) = match step {
                         Some(s) if s.request == request => (s.status, s.body),

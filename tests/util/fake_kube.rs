@@ -149,32 +149,54 @@ fn query(path: &str, key: &str) -> Vec<String> {
     q.split('&').filter_map(|kv| kv.split_once('=')).filter(|(k, _)| *k == key).map(|(_, v)| decode(v)).collect()
 }
 
+/// One HTTP/1.1 request as a test server sees it.
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    }
+}
+
+/// Reads the next request on a connection; None when it closes.
+pub async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Option<Request> {
+    let mut line = String::new();
+    if io.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if io.read_line(&mut h).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let mut req = Request { method, path, headers, body: Vec::new() };
+    let len: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    req.body = vec![0u8; len];
+    io.read_exact(&mut req.body).await.ok()?;
+    Some(req)
+}
+
 async fn serve(sock: TcpStream, ctx: Ctx) {
     let mut io = BufReader::new(sock);
-    loop {
-        let mut line = String::new();
-        if io.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            if io.read_line(&mut h).await.unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-        }
-        let header = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let mut body = vec![0u8; len];
-        let _ = io.read_exact(&mut body).await;
-        let mut parts = line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    while let Some(req) = read_request(&mut io).await {
+        let header = |k: &str| req.header(k);
+        let (method, path) = (req.method.clone(), req.path.clone());
         let base = path.split('?').next().unwrap_or("").to_string();
 
         if header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
