@@ -4,7 +4,11 @@
 //! one task (the dispatcher) owns the incoming side: it answers pending
 //! requests (index, batch acknowledgements), feeds stream credit, and turns
 //! the agent's reports (command and app output, app state) into events.
-//! The sync engine talks to it through a request channel: no shared state.
+//! The sync engine talks to it through a request channel, except for the
+//! acknowledgement of an inline batch (the single-edit path), which is
+//! registered in a small shared table instead: a request would wake the
+//! dispatcher as well as the writer, and two tasks woken at once make tokio
+//! wake a second worker thread, on the edit's critical path.
 
 use crate::events::{Kind, Reporter};
 use crate::target::Io;
@@ -40,16 +44,27 @@ pub struct Applied {
 }
 
 type IndexReply = oneshot::Sender<Result<Vec<Entry>, LinkError>>;
+type BatchReply = oneshot::Sender<Result<Applied, LinkError>>;
+
+/// Inline batches awaiting their acknowledgement; `None` once the
+/// dispatcher has ended (a registration then fails instead of waiting
+/// forever).
+type InlineTable = std::sync::Arc<std::sync::Mutex<Option<HashMap<u64, BatchReply>>>>;
+
+fn lock(t: &InlineTable) -> std::sync::MutexGuard<'_, Option<HashMap<u64, BatchReply>>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 enum Req {
     Index { id: u64, reply: IndexReply },
-    Batch { id: u64, stream: Option<StreamSender>, reply: oneshot::Sender<Result<Applied, LinkError>> },
+    Batch { id: u64, stream: Option<StreamSender>, reply: BatchReply },
 }
 
 /// An open session.
 pub struct Link {
     out: Outbound,
     req: mpsc::UnboundedSender<Req>,
+    inline: InlineTable,
     next_id: u64,
     ended: watch::Receiver<Option<String>>,
     pub agent_version: String,
@@ -81,8 +96,9 @@ impl Link {
         };
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (ended_tx, ended) = watch::channel(None);
-        tokio::spawn(dispatch(rx, req_rx, out.clone(), rep, ended_tx));
-        Ok(Link { out, req: req_tx, next_id: 1, ended, agent_version, pid, root })
+        let inline: InlineTable = std::sync::Arc::new(std::sync::Mutex::new(Some(HashMap::new())));
+        tokio::spawn(dispatch(rx, req_rx, inline.clone(), out.clone(), rep, ended_tx));
+        Ok(Link { out, req: req_tx, inline, next_id: 1, ended, agent_version, pid, root })
     }
 
     fn id(&mut self) -> u64 {
@@ -137,7 +153,11 @@ impl Link {
         let id = self.id();
         let (reply, applied) = oneshot::channel();
         // No credit window to register: the whole archive fits a fresh one.
-        self.req.send(Req::Batch { id, stream: None, reply }).map_err(|_| self.lost())?;
+        // Registered before it is sent, so before it can be answered.
+        match lock(&self.inline).as_mut() {
+            Some(t) => t.insert(id, reply),
+            None => return Err(self.lost()),
+        };
         let batch = Control::Batch { id, deletes, stream: Some(id as u32), commands, restart };
         self.out.control_with_stream(batch, id as u32, archive).map_err(|_| self.lost())?;
         Ok(applied)
@@ -173,13 +193,14 @@ impl Link {
 async fn dispatch(
     mut rx: mpsc::Receiver<Incoming>,
     mut req_rx: mpsc::UnboundedReceiver<Req>,
+    inline: InlineTable,
     out: Outbound,
     rep: Reporter,
     ended: watch::Sender<Option<String>>,
 ) {
     let mut credits = Credits::default();
     let mut indexes: HashMap<u64, (Vec<Entry>, IndexReply)> = HashMap::new();
-    let mut batches: HashMap<u64, oneshot::Sender<Result<Applied, LinkError>>> = HashMap::new();
+    let mut batches: HashMap<u64, BatchReply> = HashMap::new();
     let end: String = loop {
         tokio::select! {
             // Requests first: a request is always registered before the
@@ -219,7 +240,8 @@ async fn dispatch(
                     }
                     Control::Applied { id, written, deleted, bytes, errors, apply_us } => {
                         credits.finish(id as u32);
-                        if let Some(reply) = batches.remove(&id) {
+                        let reply = batches.remove(&id).or_else(|| lock(&inline).as_mut().and_then(|t| t.remove(&id)));
+                        if let Some(reply) = reply {
                             let _ = reply.send(Ok(Applied { written, deleted, bytes, errors, apply_us }));
                         }
                     }
@@ -243,7 +265,8 @@ async fn dispatch(
     for (_, (_, reply)) in indexes.drain() {
         let _ = reply.send(Err(LinkError::Lost(end.clone())));
     }
-    for (_, reply) in batches.drain() {
+    let registered = lock(&inline).take().unwrap_or_default();
+    for (_, reply) in batches.drain().chain(registered) {
         let _ = reply.send(Err(LinkError::Lost(end.clone())));
     }
     let _ = ended.send(Some(end));

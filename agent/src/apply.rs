@@ -78,6 +78,7 @@ pub fn start(root: PathBuf) -> Worker {
         .spawn(move || {
             for job in rx {
                 let out = apply(&root, job.deletes, job.archive);
+                reaper::remove_now();
                 count.fetch_sub(1, Ordering::SeqCst);
                 let _ = job.done.send(out);
             }
@@ -91,6 +92,9 @@ pub fn start(root: PathBuf) -> Worker {
 pub fn apply(root: &Path, deletes: Vec<String>, archive: Option<Archive>) -> Outcome {
     let t0 = Instant::now();
     let mut out = Outcome::default();
+    if !deletes.is_empty() {
+        reaper::remove_now();
+    }
     for d in deletes {
         match delete(root, &d) {
             Ok(true) => out.deleted += 1,
@@ -268,13 +272,79 @@ fn write_file(dir: &Path, target: &Path, src: &mut impl Read, mode: u32) -> io::
 
 /// Renames `tmp` over `target`. An empty directory in the way is removed;
 /// a non-empty one is an error (it holds paths devloop does not own).
+///
+/// A file or symlink in the way is swapped out with `RENAME_EXCHANGE` and
+/// removed once the batch is acknowledged (see [`reaper`]), off the edit's path: renaming
+/// over an existing file makes ext4 start writeback of the new file
+/// (`auto_da_alloc`) and then, evicting the old inode, wait for the discard
+/// of its blocks (~140 µs per edit on a disk mounted with `discard`, against
+/// ~13 µs for an exchange). The price is ext4's zero-length-after-power-loss
+/// heuristic, which a dev sync does not need: the next session resyncs by
+/// content.
 fn replace(tmp: &Path, target: &Path) -> io::Result<()> {
+    // Where exchange is not supported (an old kernel, some FUSE or network
+    // file systems), or the entry just went away, a plain rename does.
+    if std::fs::symlink_metadata(target).is_ok_and(|m| !m.is_dir()) && exchange(tmp, target).is_ok() {
+        reaper::remove_later(tmp.to_path_buf());
+        return Ok(());
+    }
     match std::fs::rename(tmp, target) {
         Err(e) if target.is_dir() && !target.is_symlink() => match std::fs::remove_dir(target) {
             Ok(()) => std::fs::rename(tmp, target),
             Err(_) => Err(io::Error::new(e.kind(), "a non-empty directory is in the way")),
         },
         r => r,
+    }
+}
+
+/// Atomically swaps two paths (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Files swapped out by [`replace`], removed after the batch is
+/// acknowledged rather than on the edit's path. A shared to-do list rather
+/// than a thread of its own: waking a thread per edit competes for the CPU
+/// with the reader who is waiting to see the file.
+pub mod reaper {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+        PENDING.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a swapped-out path for removal.
+    pub fn remove_later(p: PathBuf) {
+        pending().push(p);
+    }
+
+    /// Removes every queued path. Called after each batch is acknowledged,
+    /// and before anything that must not see them: deleting directories (a
+    /// leftover would keep one from being empty) and post-sync commands.
+    pub fn remove_now() {
+        let paths = std::mem::take(&mut *pending());
+        for p in paths {
+            // A directory swapped in by a concurrent writer is removed only
+            // if empty; what is left is a stale temporary, which the next
+            // agent's index walk removes.
+            if std::fs::remove_file(&p).is_err() {
+                let _ = std::fs::remove_dir(&p);
+            }
+        }
     }
 }
 

@@ -326,6 +326,11 @@ fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
         if small && shared.apply.idle() {
             let out = apply::apply(&shared.root, q.deletes, q.archive);
             let _ = q.done.send(out);
+            // Swapped-out files go once the acknowledgement is on its way.
+            tokio::spawn(async {
+                tokio::task::yield_now().await;
+                apply::reaper::remove_now();
+            });
         } else if !shared.apply.send(apply::Job { deletes: q.deletes, archive: q.archive, done: q.done }) {
             return false;
         }
@@ -418,6 +423,9 @@ fn start_post_sync(shared: Arc<Shared>, out: Outbound) -> mpsc::UnboundedSender<
                 }
                 job.restart |= more.restart;
             }
+            // Replaced files' temporaries are gone before a command or the
+            // restarted app lists the tree.
+            apply::reaper::remove_now();
             let o = out.clone();
             let ok = run::run_commands(&shared.root, job.batch, &job.commands, move |c| {
                 let _ = o.control(c);
