@@ -844,6 +844,28 @@ fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
         h.set_mode(w.mode);
         h.set_mtime(mtime);
         let res = match w.kind {
+            EntryKind::File if w.content.is_none() && w.size > STREAM_FILE_MIN => {
+                // Large files are streamed, not read whole into memory (a
+                // 50 MiB Vec costs its page faults and zeroing, and the
+                // memory). The header needs the size up front: the size at
+                // open is sent, zero-padded if the file shrinks meanwhile;
+                // its next change event sends it again.
+                let Ok(f) = std::fs::File::open(&w.abs) else { continue };
+                let Ok(size) = f.metadata().map(|m| m.len()) else { continue };
+                let mut src = HashingReader { inner: f, left: size, hash: xxhash_rust::xxh3::Xxh3::new() };
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(size);
+                let r = b.append_data(&mut h, &w.wire, &mut src);
+                sent.push(Entry {
+                    path: w.wire,
+                    kind: EntryKind::File,
+                    size,
+                    mode: w.mode,
+                    hash: src.hash.digest(),
+                    link: None,
+                });
+                r
+            }
             EntryKind::File => {
                 let (data, hash) = match w.content {
                     Some(c) => c,
@@ -899,6 +921,37 @@ fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
     }
     let _ = b.finish();
     sent
+}
+
+/// Files larger than this are streamed into an archive rather than read
+/// whole first.
+const STREAM_FILE_MIN: u64 = 1 << 20;
+
+/// Reads exactly `left` bytes of a file, hashing them as they pass; a file
+/// that ends early reads as zeros up to its announced size.
+struct HashingReader {
+    inner: std::fs::File,
+    left: u64,
+    hash: xxhash_rust::xxh3::Xxh3,
+}
+
+impl std::io::Read for HashingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(self.left as usize);
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = match self.inner.read(&mut buf[..want])? {
+            0 => {
+                buf[..want].fill(0);
+                want
+            }
+            n => n,
+        };
+        self.hash.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// Reads a small file whose size was just seen, in as few system calls as

@@ -17,7 +17,7 @@ use devloop_agent::paths;
 use devloop_agent::protocol::{PathError, TEMP_PREFIX};
 use devloop_agent::transport::BlockingStreamReader;
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -124,6 +124,7 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
             return;
         }
     };
+    let mut dirs_ok = VerifiedDirs::default();
     for entry in entries {
         let mut entry = match entry {
             Ok(e) => e,
@@ -137,7 +138,7 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
         };
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        match apply_entry(root, &raw, &mut entry) {
+        match apply_entry(root, &raw, &mut entry, &mut dirs_ok) {
             Ok(Some(bytes)) => {
                 out.written += 1;
                 out.bytes += bytes;
@@ -148,8 +149,22 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
     }
 }
 
+/// Directories of the root this batch has already checked (or made) to be
+/// real directories, by wire path, so that a batch of many files checks
+/// each parent once rather than once per file. An entry that replaces one
+/// of them (a file or symlink where a checked directory was) empties the
+/// set: from then on every parent is checked again, so a batch can never
+/// write through a symlink it put in place of a directory.
+#[derive(Default)]
+struct VerifiedDirs(std::collections::HashSet<String>);
+
 /// Applies one tar entry; returns the bytes written for a file.
-fn apply_entry<R: Read>(root: &Path, raw: &[u8], entry: &mut tar::Entry<R>) -> Result<Option<u64>, String> {
+fn apply_entry<R: Read>(
+    root: &Path,
+    raw: &[u8],
+    entry: &mut tar::Entry<R>,
+    dirs_ok: &mut VerifiedDirs,
+) -> Result<Option<u64>, String> {
     use tar::EntryType as T;
     let kind = entry.header().entry_type();
     let mut path = std::str::from_utf8(raw).map_err(|_| "path is not valid UTF-8".to_string())?;
@@ -158,27 +173,45 @@ fn apply_entry<R: Read>(root: &Path, raw: &[u8], entry: &mut tar::Entry<R>) -> R
     }
     let comps = paths::components(path).map_err(|e| e.to_string())?;
     let (name, parents) = comps.split_last().ok_or("empty path")?;
-    let dir = ensure_dirs(root, parents)?;
+    let dir = ensure_dirs(root, parents, dirs_ok)?;
     let target = dir.join(name);
     let mode = entry.header().mode().map_err(|e| format!("bad mode: {e}"))? & 0o777;
+    if kind != T::Directory && dirs_ok.0.contains(path) {
+        dirs_ok.0.clear();
+    }
     match kind {
         T::Regular | T::Continuous => {
             let n = write_file(&dir, &target, entry, mode).map_err(|e| format!("write failed: {e}"))?;
             Ok(Some(n))
         }
         T::Directory => {
+            // Owner rwx always: the agent must be able to write into it.
+            let want = mode | 0o700;
+            let create = || {
+                std::fs::DirBuilder::new().mode(want).create(&target).map_err(|e| e.to_string())?;
+                // mkdir applies the umask; only fix the mode when it bit.
+                if want & umask() != 0 {
+                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(want))
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            };
             match std::fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.is_dir() => {
+                    if m.permissions().mode() & 0o777 != want {
+                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(want))
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
                 Ok(_) => {
                     // A file or symlink where a directory belongs: replace it
                     // (removing a symlink does not follow it).
                     std::fs::remove_file(&target).map_err(|e| e.to_string())?;
-                    std::fs::create_dir(&target).map_err(|e| e.to_string())?;
+                    create()?;
                 }
-                Err(_) => std::fs::create_dir(&target).map_err(|e| e.to_string())?,
+                Err(_) => create()?,
             }
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode | 0o700))
-                .map_err(|e| e.to_string())?;
+            dirs_ok.0.insert(path.to_string());
             Ok(None)
         }
         T::Symlink => {
@@ -201,10 +234,18 @@ fn apply_entry<R: Read>(root: &Path, raw: &[u8], entry: &mut tar::Entry<R>) -> R
 
 /// Makes sure every parent exists as a real directory under the root;
 /// refuses to pass through a symlink or a file. Returns the last one.
-fn ensure_dirs(root: &Path, parents: &[&str]) -> Result<PathBuf, String> {
+fn ensure_dirs(root: &Path, parents: &[&str], dirs_ok: &mut VerifiedDirs) -> Result<PathBuf, String> {
     let mut p = root.to_path_buf();
+    let mut wire = String::new();
     for (i, c) in parents.iter().enumerate() {
         p.push(c);
+        if i > 0 {
+            wire.push('/');
+        }
+        wire.push_str(c);
+        if dirs_ok.0.contains(&wire) {
+            continue;
+        }
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
@@ -216,6 +257,7 @@ fn ensure_dirs(root: &Path, parents: &[&str]) -> Result<PathBuf, String> {
             }
             Err(e) => return Err(e.to_string()),
         }
+        dirs_ok.0.insert(wire.clone());
     }
     Ok(p)
 }
@@ -282,11 +324,20 @@ fn write_file(dir: &Path, target: &Path, src: &mut impl Read, mode: u32) -> io::
 /// heuristic, which a dev sync does not need: the next session resyncs by
 /// content.
 fn replace(tmp: &Path, target: &Path) -> io::Result<()> {
-    // Where exchange is not supported (an old kernel, some FUSE or network
-    // file systems), or the entry just went away, a plain rename does.
-    if std::fs::symlink_metadata(target).is_ok_and(|m| !m.is_dir()) && exchange(tmp, target).is_ok() {
-        reaper::remove_later(tmp.to_path_buf());
-        return Ok(());
+    // A new name (most of a first sync) takes one call. Where these flags
+    // are not supported (an old kernel, some FUSE or network file systems),
+    // or the entry changed meanwhile, a plain rename does.
+    match rename2(tmp, target, libc::RENAME_NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            if std::fs::symlink_metadata(target).is_ok_and(|m| !m.is_dir())
+                && rename2(tmp, target, libc::RENAME_EXCHANGE).is_ok()
+            {
+                reaper::remove_later(tmp.to_path_buf());
+                return Ok(());
+            }
+        }
+        Err(_) => {}
     }
     match std::fs::rename(tmp, target) {
         Err(e) if target.is_dir() && !target.is_symlink() => match std::fs::remove_dir(target) {
@@ -297,15 +348,15 @@ fn replace(tmp: &Path, target: &Path) -> io::Result<()> {
     }
 }
 
-/// Atomically swaps two paths (`renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+/// `renameat2` with flags: `RENAME_NOREPLACE` (fails with EEXIST rather
+/// than replace) or `RENAME_EXCHANGE` (atomically swaps the two paths).
+fn rename2(a: &Path, b: &Path, flags: libc::c_uint) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput);
     let (a, b) = (c(a)?, c(b)?);
     // SAFETY: two NUL-terminated paths that outlive the call.
-    let r = unsafe {
-        libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
-    };
+    let r =
+        unsafe { libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
     if r == 0 {
         Ok(())
     } else {

@@ -123,9 +123,20 @@ fn fifo(fd: std::os::fd::RawFd) -> Option<std::fs::File> {
     // closing one that is not a pipe.
     let probe = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     let is_fifo = probe.metadata().is_ok_and(|m| m.file_type().is_fifo());
+    if is_fifo {
+        // A 1 MiB pipe (the default is 64 KiB, one data chunk) lets a
+        // first sync move many chunks per wake-up on each side. Best
+        // effort: beyond /proc/sys/fs/pipe-max-size it is refused, and the
+        // pipe stays as it was.
+        // SAFETY: fcntl on an open fd; no memory is passed.
+        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    }
     // SAFETY: as above; from here on the File owns the fd.
     is_fifo.then(|| unsafe { std::fs::File::from_raw_fd(fd) })
 }
+
+/// The size asked for the stdio pipes.
+const PIPE_SIZE: libc::c_int = 1 << 20;
 
 /// Resolves when stdin reaches end of file (or fails), if `on`; never
 /// otherwise. Read on a thread of its own: the runtime has one thread, and
