@@ -76,6 +76,16 @@ impl Filter {
         }
     }
 
+    /// Like [`Filter::load_dir`], during a walk that has the directory's
+    /// listing: ignore files the listing does not show are not looked for.
+    pub fn load_listed(&mut self, dir: &Path, has: &dyn Fn(&str) -> bool) {
+        if IGNORE_FILES.iter().any(|n| has(n)) {
+            self.load_dir(dir);
+        } else {
+            self.layers.remove(dir);
+        }
+    }
+
     /// Is an absolute path under the root ignored? Deeper ignore files win
     /// over shallower ones, `.devloopignore` over `.gitignore` in the same
     /// directory, and the config's excludes over everything.

@@ -805,32 +805,52 @@ fn walk_rule(
     skipped: &mut Vec<Skipped>,
     watch_errors: &mut Vec<String>,
 ) {
-    let from = rule.from.clone();
-    let to = rule.to.clone();
-    let filter = &mut rule.filter;
-    if base != from {
-        filter.load_dir(base);
-    }
-    let mut keep = |wire: &str, is_dir: bool| -> bool {
-        let rel = if to.is_empty() { wire } else { wire[to.len()..].trim_start_matches('/') };
-        let abs = from.join(rel);
-        if filter.is_ignored(&abs, is_dir) {
+    let mut visit = RuleVisit {
+        from: rule.from.clone(),
+        to: rule.to.clone(),
+        filter: &mut rule.filter,
+        pruned,
+        watch,
+        watch_errors,
+    };
+    index::walk(base, prefix, &mut visit, WalkOptions::default(), found, skipped);
+}
+
+/// What a walk of one rule's source keeps: not ignored; entering a
+/// directory reads its ignore files and watches it before its contents are
+/// read (so nothing created meanwhile is missed).
+struct RuleVisit<'a> {
+    from: PathBuf,
+    to: String,
+    filter: &'a mut Filter,
+    pruned: &'a mut Vec<String>,
+    watch: &'a mut Option<Watch>,
+    watch_errors: &'a mut Vec<String>,
+}
+
+impl index::Visit for RuleVisit<'_> {
+    fn keep(&mut self, wire: &str, is_dir: bool) -> bool {
+        let rel = if self.to.is_empty() { wire } else { wire[self.to.len()..].trim_start_matches('/') };
+        let abs = self.from.join(rel);
+        if self.filter.is_ignored(&abs, is_dir) {
             if is_dir {
-                pruned.push(wire.to_string());
+                self.pruned.push(wire.to_string());
             }
             return false;
         }
         if is_dir {
-            filter.load_dir(&abs);
-            if let Some(w) = watch {
+            if let Some(w) = self.watch.as_mut() {
                 if let Err(e) = w.add(&abs) {
-                    watch_errors.push(format!("cannot watch {}: {e}", abs.display()));
+                    self.watch_errors.push(format!("cannot watch {}: {e}", abs.display()));
                 }
             }
         }
         true
-    };
-    index::walk(base, prefix, &mut keep, WalkOptions::default(), found, skipped);
+    }
+
+    fn entered(&mut self, dir: &Path, has: &dyn Fn(&str) -> bool) {
+        self.filter.load_listed(dir, has);
+    }
 }
 
 /// Writes a tar archive of `writes` and returns the entries as sent (hash

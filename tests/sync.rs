@@ -20,6 +20,12 @@ fn initial_sync_sends_differences_removes_extras_and_keeps_excluded_paths() {
     p.write("scratch.tmp", b"excluded in config");
     std::fs::write(p.src().join(".gitignore"), "*.log\n").unwrap();
     p.write("debug.log", b"ignored by .gitignore");
+    // Ignore files below the root count for their own directory.
+    p.write("dir/.devloopignore", b"secret.txt\n");
+    p.write("dir/secret.txt", b"ignored by dir/.devloopignore");
+    p.write("dir/sub/.gitignore", b"*.bin\n");
+    p.write("dir/sub/blob.bin", b"ignored by dir/sub/.gitignore");
+    p.write("blob.bin", b"not ignored: the pattern is dir/sub's");
     // The target already has: a stale file, an extra file, an extra dir,
     // and excluded paths devloop must never touch.
     let out = p.out();
@@ -35,11 +41,14 @@ fn initial_sync_sends_differences_removes_extras_and_keeps_excluded_paths() {
 
     let (code, output) = p.sync_once();
     assert_eq!(code, 0, "{output}");
-    let skip = |r: &str| excluded(r) || r.ends_with(".log");
+    let skip = |r: &str| excluded(r) || r.ends_with(".log") || r == "dir/secret.txt" || r == "dir/sub/blob.bin";
     assert_eq!(snapshot(&p.src(), &skip), snapshot(&out, &skip));
     assert_eq!(std::fs::read_to_string(out.join("node_modules/pkg/index.js")).unwrap(), "keep me");
     assert_eq!(std::fs::read_to_string(out.join("server.log")).unwrap(), "keep me: ignored");
     assert!(!out.join("debug.log").exists(), ".gitignore'd file not sent");
+    assert!(!out.join("dir/secret.txt").exists(), "a nested .devloopignore was not applied");
+    assert!(!out.join("dir/sub/blob.bin").exists(), "a nested .gitignore was not applied");
+    assert!(out.join("blob.bin").exists(), "a nested .gitignore leaked to its parent");
     assert!(!out.join("scratch.tmp").exists(), "excluded file not sent");
     assert!(std::fs::metadata(out.join("dir/run.sh")).unwrap().permissions().mode() & 0o111 != 0);
     assert_eq!(before, fingerprint(&p.src()), "source tree modified");

@@ -33,6 +33,11 @@ pub trait Visit {
     /// Return false to leave the path (and, for a directory, all below it)
     /// out of the walk.
     fn keep(&mut self, wire: &str, is_dir: bool) -> bool;
+
+    /// Called with each directory's listing (`has(name)`) before any of its
+    /// entries is visited: the CLI reads ignore files here, only where the
+    /// listing shows one (probing for them costs two `stat`s a directory).
+    fn entered(&mut self, _dir: &Path, _has: &dyn Fn(&str) -> bool) {}
 }
 
 impl<F: FnMut(&str, bool) -> bool> Visit for F {
@@ -68,12 +73,12 @@ pub fn walk(
             return;
         }
     };
-    let mut names: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+    let mut names: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| (e.file_name(), e)).collect();
     // Sorted so that indexes and batches come out in a stable order.
-    names.sort_by_key(|e| e.file_name());
-    for de in names {
+    names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    visit.entered(base, &|n| names.iter().any(|(x, _)| x == n));
+    for (name, de) in names {
         let abs = de.path();
-        let name = de.file_name();
         let Some(name) = name.to_str() else {
             skipped.push(Skipped { abs, reason: "name is not valid UTF-8".into() });
             continue;
@@ -89,7 +94,8 @@ pub fn walk(
             skipped.push(Skipped { abs, reason: "path too long".into() });
             continue;
         }
-        let md = match std::fs::symlink_metadata(&abs) {
+        // Relative to the open directory, and not following a symlink.
+        let md = match de.metadata() {
             Ok(m) => m,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
