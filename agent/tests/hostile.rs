@@ -192,6 +192,32 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
     out.close(1000, "");
 }
 
+/// The agent checks each parent directory once per batch; a batch that
+/// makes a directory, replaces it with a symlink and then writes below that
+/// name must still be refused (the check is not remembered past the swap).
+#[tokio::test]
+async fn a_directory_swapped_for_a_symlink_mid_batch_is_not_written_through() {
+    let a = start_agent(None);
+    let (out, mut rx) = session(&a).await;
+    use tar::EntryType as T;
+    let mut ar = Vec::new();
+    raw_entry(&mut ar, b"inner", T::Directory, b"", None);
+    raw_entry(&mut ar, b"other", T::Directory, b"", None);
+    raw_entry(&mut ar, b"other", T::Symlink, b"", Some(b"inner"));
+    raw_entry(&mut ar, b"other/pwned", T::Regular, b"through the symlink", None);
+    ar.extend_from_slice(&[0u8; 1024]);
+    let reply = send_batch(&out, &mut rx, 2, vec![], Some(ar)).await;
+    let Control::Applied { errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
+    assert!(
+        errors.iter().any(|e| e.path == "other/pwned" && e.message.contains("symlink")),
+        "a write below a directory swapped for a symlink was not refused: {errors:#?}"
+    );
+    assert!(!a.root.join("inner/pwned").exists(), "written through a symlinked parent");
+    assert!(std::fs::symlink_metadata(a.root.join("other")).unwrap().file_type().is_symlink());
+    assert_outside_untouched(&a);
+    out.close(1000, "");
+}
+
 #[tokio::test]
 async fn wrong_token_is_refused_and_the_agent_keeps_serving() {
     let a = start_agent(None);
