@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub const IGNORE_FILES: [&str; 2] = [".gitignore", ".devloopignore"];
 
 /// The ignore rules of one sync rule's source tree.
+#[derive(Clone)]
 pub struct Filter {
     root: PathBuf,
     excludes: Gitignore,
@@ -84,6 +85,14 @@ impl Filter {
         } else {
             self.layers.remove(dir);
         }
+    }
+
+    /// Takes over the ignore files (and warnings) another copy of this
+    /// filter read: a walk shared out over threads gives each its own copy,
+    /// with its warnings cleared.
+    pub fn absorb(&mut self, other: Filter) {
+        self.layers.extend(other.layers);
+        self.warnings.extend(other.warnings);
     }
 
     /// Is an absolute path under the root ignored? Deeper ignore files win

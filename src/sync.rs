@@ -134,21 +134,12 @@ impl Engine {
         let mut skipped: Vec<Skipped> = Vec::new();
         let mut watch_errors = Vec::new();
         for rule in &mut self.rules {
-            if let Some(w) = &mut self.watch {
+            if let Some(w) = &self.watch {
                 if let Err(e) = w.add(&rule.from) {
                     watch_errors.push(format!("cannot watch {}: {e}", rule.from.display()));
                 }
             }
-            walk_rule(
-                rule,
-                &rule.from.clone(),
-                &rule.to.clone(),
-                &mut self.watch,
-                &mut found,
-                &mut pruned,
-                &mut skipped,
-                &mut watch_errors,
-            );
+            scan_rule(rule, &self.watch, &mut found, &mut pruned, &mut skipped, &mut watch_errors);
         }
         for s in skipped {
             self.warn(format!("skipped {}: {}", s.abs.display(), s.reason));
@@ -444,14 +435,14 @@ impl Engine {
                 let mut pruned = Vec::new();
                 let mut skipped = Vec::new();
                 let mut werr = Vec::new();
-                if let Some(w) = &mut self.watch {
+                if let Some(w) = &self.watch {
                     let _ = w.add(&abs);
                 }
                 walk_rule(
                     &mut self.rules[ri],
                     &abs,
                     &wire,
-                    &mut self.watch,
+                    &self.watch,
                     &mut found,
                     &mut pruned,
                     &mut skipped,
@@ -799,7 +790,7 @@ fn walk_rule(
     rule: &mut Rule,
     base: &Path,
     prefix: &str,
-    watch: &mut Option<Watch>,
+    watch: &Option<Watch>,
     found: &mut Vec<Found>,
     pruned: &mut Vec<String>,
     skipped: &mut Vec<Skipped>,
@@ -812,8 +803,100 @@ fn walk_rule(
         pruned,
         watch,
         watch_errors,
+        descend: true,
     };
     index::walk(base, prefix, &mut visit, WalkOptions::default(), found, skipped);
+}
+
+/// What one thread of [`scan_rule`] found below one top-level directory.
+#[derive(Default)]
+struct Subtree {
+    found: Vec<Found>,
+    pruned: Vec<String>,
+    skipped: Vec<Skipped>,
+    watch_errors: Vec<String>,
+}
+
+/// Walks a rule's whole source tree, sharing it out over the cores: the top
+/// level here, then each top-level directory on whichever thread is free,
+/// each thread with its own copy of the filter (merged back after). A walk
+/// is mostly `stat`s and directory reads, which run in parallel in the
+/// kernel; the result is in the same order as a one-thread walk.
+fn scan_rule(
+    rule: &mut Rule,
+    watch: &Option<Watch>,
+    found: &mut Vec<Found>,
+    pruned: &mut Vec<String>,
+    skipped: &mut Vec<Skipped>,
+    watch_errors: &mut Vec<String>,
+) {
+    let (from, to) = (rule.from.clone(), rule.to.clone());
+    let mut top = Vec::new();
+    let mut visit = RuleVisit {
+        from: from.clone(),
+        to: to.clone(),
+        filter: &mut rule.filter,
+        pruned,
+        watch,
+        watch_errors,
+        descend: false,
+    };
+    index::walk(&from, &to, &mut visit, WalkOptions::default(), &mut top, skipped);
+    let dirs: Vec<usize> = (0..top.len()).filter(|&i| top[i].kind == EntryKind::Dir).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(dirs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut base = rule.filter.clone();
+    base.warnings.clear();
+    let mut subtrees: Vec<Option<Subtree>> = (0..dirs.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (top, dirs, next, from, to) = (&top, &dirs, &next, &from, &to);
+                let mut filter = base.clone();
+                s.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&i) = dirs.get(k) else { break };
+                        let mut sub = Subtree::default();
+                        let mut v = RuleVisit {
+                            from: from.clone(),
+                            to: to.clone(),
+                            filter: &mut filter,
+                            pruned: &mut sub.pruned,
+                            watch,
+                            watch_errors: &mut sub.watch_errors,
+                            descend: true,
+                        };
+                        let d = &top[i];
+                        index::walk(&d.abs, &d.path, &mut v, WalkOptions::default(), &mut sub.found, &mut sub.skipped);
+                        done.push((k, sub));
+                    }
+                    (done, filter)
+                })
+            })
+            .collect();
+        for w in workers {
+            // A walk thread only panics if the walk does; pass it on.
+            let (done, filter) = w.join().expect("walk thread");
+            rule.filter.absorb(filter);
+            for (k, sub) in done {
+                subtrees[k] = Some(sub);
+            }
+        }
+    });
+    // Each directory's subtree goes right after the directory.
+    let mut subtrees = subtrees.into_iter();
+    for f in top {
+        let is_dir = f.kind == EntryKind::Dir;
+        found.push(f);
+        if let Some(sub) = is_dir.then(|| subtrees.next().flatten()).flatten() {
+            found.extend(sub.found);
+            pruned.extend(sub.pruned);
+            skipped.extend(sub.skipped);
+            watch_errors.extend(sub.watch_errors);
+        }
+    }
 }
 
 /// What a walk of one rule's source keeps: not ignored; entering a
@@ -824,8 +907,10 @@ struct RuleVisit<'a> {
     to: String,
     filter: &'a mut Filter,
     pruned: &'a mut Vec<String>,
-    watch: &'a mut Option<Watch>,
+    watch: &'a Option<Watch>,
     watch_errors: &'a mut Vec<String>,
+    /// False: directories are kept but not entered (see [`scan_rule`]).
+    descend: bool,
 }
 
 impl index::Visit for RuleVisit<'_> {
@@ -839,7 +924,7 @@ impl index::Visit for RuleVisit<'_> {
             return false;
         }
         if is_dir {
-            if let Some(w) = self.watch.as_mut() {
+            if let Some(w) = self.watch.as_ref() {
                 if let Err(e) = w.add(&abs) {
                     self.watch_errors.push(format!("cannot watch {}: {e}", abs.display()));
                 }
@@ -850,6 +935,10 @@ impl index::Visit for RuleVisit<'_> {
 
     fn entered(&mut self, dir: &Path, has: &dyn Fn(&str) -> bool) {
         self.filter.load_listed(dir, has);
+    }
+
+    fn descend(&mut self, _wire: &str) -> bool {
+        self.descend
     }
 }
 

@@ -127,7 +127,7 @@ impl Watch {
 
     /// Watches one directory (not its subdirectories). Idempotent, also
     /// across subscribers.
-    pub fn add(&mut self, dir: &Path) -> std::io::Result<()> {
+    pub fn add(&self, dir: &Path) -> std::io::Result<()> {
         let mut d = lock(&self.shared.dirs);
         if d.watched.contains_key(dir) {
             return Ok(());

@@ -103,6 +103,32 @@ fn live_sync_follows_every_kind_of_change() {
     assert_eq!(w.interrupt(), 0);
 }
 
+/// The first scan reads nested ignore files (on several threads); what it
+/// read must keep filtering the live changes that follow.
+#[test]
+fn nested_ignore_files_from_the_first_scan_filter_live_changes() {
+    let p = Project::new();
+    p.write("a/.devloopignore", b"*.tmp\n");
+    p.write("a/b/.gitignore", b"build/\n");
+    p.write("z/keep.txt", b"k");
+    let mut w = p.watch();
+    wait_converged(&p, Some(&mut w), T);
+    p.write("a/scratch.tmp", b"ignored by a/.devloopignore");
+    p.write("a/b/build/out.o", b"ignored by a/b/.gitignore");
+    p.write("a/b/new.txt", b"synced");
+    p.write("z/late.txt", b"synced last");
+    let out = p.out();
+    let t0 = Instant::now();
+    while !(out.join("a/b/new.txt").exists() && out.join("z/late.txt").exists()) {
+        assert!(t0.elapsed() < T, "live changes never synced:\n{}", w.dump());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!out.join("a/scratch.tmp").exists(), "a/.devloopignore ignored while watching");
+    assert!(!out.join("a/b/build").exists(), "a/b/.gitignore ignored while watching");
+    assert_eq!(w.interrupt(), 0);
+}
+
 #[test]
 fn a_thousand_file_branch_switch_converges_in_a_few_batches() {
     let p = Project::new();

@@ -38,6 +38,12 @@ pub trait Visit {
     /// entries is visited: the CLI reads ignore files here, only where the
     /// listing shows one (probing for them costs two `stat`s a directory).
     fn entered(&mut self, _dir: &Path, _has: &dyn Fn(&str) -> bool) {}
+
+    /// Whether to walk below a kept directory now (false: the caller walks
+    /// it later, for instance on another thread).
+    fn descend(&mut self, _wire: &str) -> bool {
+        true
+    }
 }
 
 impl<F: FnMut(&str, bool) -> bool> Visit for F {
@@ -111,7 +117,9 @@ pub fn walk(
                 continue;
             }
             out.push(Found { path: wire.clone(), abs: abs.clone(), kind: EntryKind::Dir, size: 0, mode, link: None });
-            walk(&abs, &wire, visit, opts, out, skipped);
+            if visit.descend(&wire) {
+                walk(&abs, &wire, visit, opts, out, skipped);
+            }
         } else if ft.is_file() {
             if visit.keep(&wire, false) {
                 out.push(Found { path: wire, abs, kind: EntryKind::File, size: md.size(), mode, link: None });
