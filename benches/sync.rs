@@ -9,14 +9,16 @@
 //!    again on tmpfs (/dev/shm) when TMPDIR is elsewhere;
 //! 3. unchanged re-sync of that tree (the reconnect case);
 //! 4. a 1000-file burst: time until all visible, and batches used;
-//! 5. watcher cost on a 100k-file tree: idle CPU over 30 s, and RSS.
+//! 5. watcher cost on a 100k-file tree: idle CPU over 30 s, and RSS;
+//! 6. (interleave) a small request's round trip while a 256 MiB batch is
+//!    in flight on the same connection, against the same round trip idle.
 //!
-//! 6. with a cluster (KUBECONFIG): injection into a fresh pod (time, TLS
+//! 7. with a cluster (KUBECONFIG): injection into a fresh pod (time, TLS
 //!    connections and bytes through a counting proxy) against a run that
 //!    reuses the agent, and edit-to-applied latency in the pod.
 //!
 //! Options (env): BENCH_EDITS (default 300), BENCH_IDLE_SECS (default 30),
-//! BENCH_ONLY (comma list of: latency,initial,burst,idle,kube).
+//! BENCH_ONLY (comma list of: latency,initial,burst,idle,interleave,kube).
 
 use notify::Watcher as _;
 use std::io::{BufRead, BufReader};
@@ -441,7 +443,7 @@ fn serde_yaml_to_json(p: &Path) -> serde_json::Value {
 }
 
 fn bench_kube(edits: usize) {
-    println!("## 6. Kubernetes target: injection and edit-to-applied latency in a pod");
+    println!("## 7. Kubernetes target: injection and edit-to-applied latency in a pod");
     let Some(kubeconfig) = std::env::var_os("KUBECONFIG").map(PathBuf::from) else {
         println!("SKIP: no cluster (KUBECONFIG unset; scripts/test-cluster up starts one)\n");
         return;
@@ -598,7 +600,7 @@ fn echo_floor(ns: &str, n: usize) -> (f64, f64) {
 
 fn main() {
     // `cargo bench` passes --bench; ignore it.
-    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,kube".into());
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,interleave,kube".into());
     let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -621,7 +623,129 @@ fn main() {
             "burst" => bench_burst(),
             "idle" => bench_idle(idle),
             "kube" => bench_kube(edits.min(200)),
+            "interleave" => bench_interleave(200),
             other => eprintln!("unknown bench part {other}"),
         }
     }
+}
+
+/// Round trips of a small request (an index of a missing directory) while
+/// the connection is idle, and while a 256 MiB batch streams through it:
+/// the writer sends control messages ahead of queued data chunks, so a
+/// large batch in flight may delay a small message by about the bytes
+/// already in the socket, never by the batch.
+fn bench_interleave(probes: usize) {
+    use devloop_agent::protocol::Control;
+    use devloop_agent::transport::{self, Credits, Heartbeat, Incoming, StreamSender};
+    println!("## 6. a small request's round trip while a 256 MiB batch is in flight (agent on loopback TCP)");
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let token = "bench-token";
+    let mut agent = Command::new(agent_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&root)
+        .env("DEVLOOP_AGENT_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(agent.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "on")
+        .nth(1)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("readiness line: {line}"));
+    const BIG: u64 = 256 << 20;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (idle, mut loaded, bulk_s) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (ws, _) = transport::connect(tcp, token).await.unwrap();
+        let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
+        // One task reads everything: credit for the bulk stream, answers
+        // to probes, the batch's acknowledgement.
+        let (reg_tx, mut reg_rx) = tokio::sync::mpsc::unbounded_channel::<StreamSender>();
+        let (ans_tx, mut ans_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut credits = Credits::default();
+            let mut done_tx = Some(done_tx);
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(s) = reg_rx.recv() => credits.register(&s),
+                    item = rx.recv() => match item {
+                        Some(Incoming::Control(Control::Credit { stream, bytes })) => credits.grant(stream, bytes),
+                        Some(Incoming::Control(Control::IndexPart { id, done: true, .. })) => { let _ = ans_tx.send(id); }
+                        Some(Incoming::Control(Control::Applied { .. })) => { if let Some(t) = done_tx.take() { let _ = t.send(()); } }
+                        Some(Incoming::Ended(_)) | None => break,
+                        _ => {}
+                    },
+                }
+            }
+        });
+        let mut next_id = 10u64;
+        let mut probe = |out: transport::Outbound| {
+            next_id += 1;
+            let id = next_id;
+            out.control(Control::IndexRequest { id, under: vec!["no/such/dir".into()], prune: vec![] }).unwrap();
+            id
+        };
+        let mut idle = Vec::new();
+        for _ in 0..probes {
+            let t0 = Instant::now();
+            let id = probe(out.clone());
+            while ans_rx.recv().await != Some(id) {}
+            idle.push(t0.elapsed().as_secs_f64() * 1e3);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // The bulk batch: one 256 MiB file, streamed within its credit.
+        let s = StreamSender::new(1, out.clone());
+        reg_tx.send(s.clone()).unwrap();
+        out.control(Control::Batch { id: 1, deletes: vec![], stream: Some(1), commands: vec![], restart: false })
+            .unwrap();
+        let t_bulk = Instant::now();
+        let bulk = tokio::spawn(async move {
+            let mut h = tar::Header::new_gnu();
+            h.set_path("big.bin").unwrap();
+            h.set_size(BIG);
+            h.set_mode(0o644);
+            h.set_cksum();
+            s.send(h.as_bytes()).await.unwrap();
+            let block = vec![0x5au8; 1 << 20];
+            for _ in 0..(BIG >> 20) {
+                s.send(&block).await.unwrap();
+            }
+            s.send(&[0u8; 1024]).await.unwrap();
+            s.finish().await.unwrap();
+        });
+        let mut loaded = Vec::new();
+        loop {
+            let t0 = Instant::now();
+            let id = probe(out.clone());
+            while ans_rx.recv().await != Some(id) {}
+            loaded.push(t0.elapsed().as_secs_f64() * 1e3);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            if bulk.is_finished() {
+                break;
+            }
+        }
+        let _ = (&mut done_rx).await;
+        let bulk_s = t_bulk.elapsed().as_secs_f64();
+        out.close(1000, "");
+        (idle, loaded, bulk_s)
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let mut idle = idle;
+    let (i50, i99) = (percentile(&mut idle, 0.5), percentile(&mut idle, 0.99));
+    let (l50, l99, lmax) = (percentile(&mut loaded, 0.5), percentile(&mut loaded, 0.99), percentile(&mut loaded, 1.0));
+    println!(
+        "idle: p50 {i50:.3} ms p99 {i99:.3} ms | during the batch ({} probes, batch applied in {bulk_s:.2} s = {:.0} MiB/s): p50 {l50:.3} ms p99 {l99:.3} ms max {lmax:.3} ms\n",
+        loaded.len(),
+        (BIG >> 20) as f64 / bulk_s
+    );
 }
