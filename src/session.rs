@@ -385,6 +385,7 @@ async fn run_endpoint(
                 return Ok(if errors == 0 { Outcome::InSync } else { Outcome::PathErrors(errors) });
             }
             attempt = 0;
+            release_freed_memory();
             // Watch mode always has a change receiver.
             let changes = changes.as_mut().expect("watch mode");
             match engine.live(&mut link, changes, &mut shutdown).await? {
@@ -421,6 +422,18 @@ async fn run_endpoint(
 
 /// Waits before the next attempt (200 ms doubling to 5 s). Returns true
 /// when shutdown was requested meanwhile.
+/// Hands memory freed after a first sync back to the system. The scan,
+/// hashing and archive buffers of a large tree are gone by then, but glibc
+/// keeps freed heap (in each thread's arena) for reuse, and a watcher that
+/// then idles for hours would hold it all that time.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 async fn backoff(rep: &Reporter, attempt: &mut u32, shutdown: &mut watch::Receiver<bool>) -> bool {
     *attempt += 1;
     let ms = (200u64 << (*attempt - 1).min(5)).min(5000);
