@@ -42,6 +42,13 @@ const BATCH_DELETES_MAX: usize = 10_000;
 /// A file being written is synced when closed, or after this long if its
 /// writer keeps it open (a log, a long download).
 const WRITE_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+/// A storm (changes still arriving when a batch is acknowledged: a branch
+/// switch, a build writing files) is let settle before the next batch, so
+/// that it becomes a few large batches rather than one per round trip: the
+/// engine waits while changes keep coming less than `STORM_GAP` apart, up
+/// to `STORM_MAX`. A lone edit never waits: it finds the engine idle.
+const STORM_GAP: std::time::Duration = std::time::Duration::from_millis(2);
+const STORM_MAX: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// One rule's source side.
 struct Rule {
@@ -343,6 +350,19 @@ impl Engine {
                         if first_seen.is_none() { first_seen = Some(Instant::now()); }
                         absorb(c, &mut dirty, &mut writing, &mut rescan);
                     },
+                }
+            }
+            if !dirty.is_empty() {
+                let until = Instant::now() + STORM_MAX;
+                while Instant::now() < until {
+                    tokio::select! {
+                        c = changes.recv() => match c {
+                            Some(c) => absorb(c, &mut dirty, &mut writing, &mut rescan),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep(STORM_GAP) => break,
+                        _ = shutdown.changed() => return Ok(LiveEnd::Shutdown),
+                    }
                 }
             }
         }
