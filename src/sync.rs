@@ -685,12 +685,13 @@ impl Engine {
             .filter(|w| w.kind == EntryKind::File && w.content.is_none())
             .map(|w| (w.wire.clone(), w.abs.clone()))
             .collect();
+        let mut read_errors = Vec::new();
         let (sent, applied) = if writes.is_empty() {
             (Vec::new(), link.begin_batch(deletes.clone(), commands, restart, false).await?.applied)
         } else if inline {
             // The fast path for an edit: built in memory, sent in one write.
             let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
-            let sent = build_archive(&mut buf, writes);
+            let (sent, _) = build_archive(&mut buf, writes);
             let applied = link.inline_batch(deletes.clone(), commands, restart, &buf)?;
             // Let the writer put it on the wire before anything else runs
             // here: the event's printer, woken first, would push the writer
@@ -704,14 +705,20 @@ impl Engine {
             let rt = tokio::runtime::Handle::current();
             let build = tokio::task::spawn_blocking(move || {
                 let mut w = stream.blocking_writer(rt);
-                let sent = build_archive(&mut w, writes);
-                w.finish().map(|_| sent)
+                let built = build_archive(&mut w, writes);
+                w.finish().map(|_| built)
             });
             match build.await {
-                Ok(Ok(s)) => (s, pending.applied),
+                Ok(Ok((s, errs))) => {
+                    read_errors = errs;
+                    (s, pending.applied)
+                }
                 _ => return Err(closed()),
             }
         };
+        for m in read_errors {
+            self.warn(m);
+        }
         if !to_read.is_empty() {
             let got: HashSet<&str> = sent.iter().map(|e| e.path.as_str()).collect();
             for (wire, abs) in &to_read {
@@ -963,10 +970,12 @@ impl index::Visit for RuleVisit<'_> {
 }
 
 /// Writes a tar archive of `writes` and returns the entries as sent (hash
-/// of the bytes actually sent). Files that vanished are left out.
-fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
+/// of the bytes actually sent) and a warning for each streamed file whose
+/// read failed part-way. Files that vanished are left out.
+fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> (Vec<Entry>, Vec<String>) {
     let mut b = tar::Builder::new(out);
     let mut sent = Vec::with_capacity(writes.len());
+    let mut read_errors = Vec::new();
     let mtime = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     for w in writes {
         let mut h = tar::Header::new_gnu();
@@ -981,10 +990,17 @@ fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
                 // its next change event sends it again.
                 let Ok(f) = std::fs::File::open(&w.abs) else { continue };
                 let Ok(size) = f.metadata().map(|m| m.len()) else { continue };
-                let mut src = HashingReader { inner: f, left: size, hash: xxhash_rust::xxh3::Xxh3::new() };
+                let mut src =
+                    HashingReader { inner: f, left: size, hash: xxhash_rust::xxh3::Xxh3::new(), failed: None };
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(size);
                 let r = b.append_data(&mut h, &w.wire, &mut src);
+                if let Some(e) = &src.failed {
+                    read_errors.push(format!(
+                        "{}: reading failed part-way ({e}); the target's copy is incomplete until it is synced again",
+                        w.abs.display()
+                    ));
+                }
                 sent.push(Entry {
                     path: w.wire,
                     kind: EntryKind::File,
@@ -1049,7 +1065,7 @@ fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
         }
     }
     let _ = b.finish();
-    sent
+    (sent, read_errors)
 }
 
 /// Files larger than this are streamed into an archive rather than read
@@ -1057,11 +1073,15 @@ fn build_archive<W: Write>(out: W, writes: Vec<Write_>) -> Vec<Entry> {
 const STREAM_FILE_MIN: u64 = 1 << 20;
 
 /// Reads exactly `left` bytes of a file, hashing them as they pass; a file
-/// that ends early reads as zeros up to its announced size.
+/// that ends early, or whose read fails part-way, reads as zeros up to its
+/// announced size, so the archive stays whole for the files after it. The
+/// hash is of what was sent, so the model holds what the target holds, and
+/// the next comparison (a change, a rescan, a reconnect) sends it again.
 struct HashingReader {
     inner: std::fs::File,
     left: u64,
     hash: xxhash_rust::xxh3::Xxh3,
+    failed: Option<std::io::Error>,
 }
 
 impl std::io::Read for HashingReader {
@@ -1070,12 +1090,22 @@ impl std::io::Read for HashingReader {
         if want == 0 {
             return Ok(0);
         }
-        let n = match self.inner.read(&mut buf[..want])? {
-            0 => {
+        let read = match self.failed {
+            Some(_) => Ok(0),
+            None => self.inner.read(&mut buf[..want]),
+        };
+        let n = match read {
+            Ok(0) => {
                 buf[..want].fill(0);
                 want
             }
-            n => n,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Err(e),
+            Err(e) => {
+                self.failed = Some(e);
+                buf[..want].fill(0);
+                want
+            }
         };
         self.hash.update(&buf[..n]);
         self.left -= n as u64;
@@ -1107,4 +1137,36 @@ fn read_small(path: &Path, size: u64) -> std::io::Result<Vec<u8>> {
         f.read_to_end(&mut buf)?;
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A large file whose read fails part-way (here: a directory, whose
+    /// read says EISDIR) still fills its announced size, so the archive
+    /// stays whole for the files after it, and the failure is kept to be
+    /// reported.
+    #[test]
+    fn a_failed_read_keeps_the_archive_whole_and_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let inner = std::fs::File::open(d.path()).unwrap();
+        let mut r = HashingReader { inner, left: 10_000, hash: xxhash_rust::xxh3::Xxh3::new(), failed: None };
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, vec![0u8; 10_000]);
+        assert!(r.failed.is_some());
+        assert_eq!(r.hash.digest(), index::hash_bytes(&got), "the hash is of what was sent");
+
+        // A file that shrank: what is there, then zeros; not a failure.
+        let f = d.path().join("f");
+        std::fs::write(&f, b"abc").unwrap();
+        let inner = std::fs::File::open(&f).unwrap();
+        let mut r = HashingReader { inner, left: 5, hash: xxhash_rust::xxh3::Xxh3::new(), failed: None };
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"abc\0\0");
+        assert!(r.failed.is_none());
+    }
 }
