@@ -874,44 +874,50 @@ fn scan_rule(
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut base = rule.filter.clone();
     base.warnings.clear();
-    let mut subtrees: Vec<Option<Subtree>> = (0..dirs.len()).map(|_| None).collect();
+    // Each worker takes the next directory until none is left; this thread
+    // works too, so a helper thread that cannot be started costs only speed.
+    let work = |mut filter: Filter| {
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&i) = dirs.get(k) else { break };
+            let mut sub = Subtree::default();
+            let mut v = RuleVisit {
+                from: from.clone(),
+                to: to.clone(),
+                filter: &mut filter,
+                pruned: &mut sub.pruned,
+                watch,
+                watch_errors: &mut sub.watch_errors,
+                descend: true,
+            };
+            let d = &top[i];
+            index::walk(&d.abs, &d.path, &mut v, WalkOptions::default(), &mut sub.found, &mut sub.skipped);
+            done.push((k, sub));
+        }
+        (done, filter)
+    };
+    let mut results = Vec::new();
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                let (top, dirs, next, from, to) = (&top, &dirs, &next, &from, &to);
-                let mut filter = base.clone();
-                s.spawn(move || {
-                    let mut done = Vec::new();
-                    loop {
-                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&i) = dirs.get(k) else { break };
-                        let mut sub = Subtree::default();
-                        let mut v = RuleVisit {
-                            from: from.clone(),
-                            to: to.clone(),
-                            filter: &mut filter,
-                            pruned: &mut sub.pruned,
-                            watch,
-                            watch_errors: &mut sub.watch_errors,
-                            descend: true,
-                        };
-                        let d = &top[i];
-                        index::walk(&d.abs, &d.path, &mut v, WalkOptions::default(), &mut sub.found, &mut sub.skipped);
-                        done.push((k, sub));
-                    }
-                    (done, filter)
-                })
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                let (work, filter) = (&work, base.clone());
+                std::thread::Builder::new().name("scan".into()).spawn_scoped(s, move || work(filter)).ok()
             })
             .collect();
-        for w in workers {
+        results.push(work(base.clone()));
+        for h in helpers {
             // A walk thread only panics if the walk does; pass it on.
-            let (done, filter) = w.join().expect("walk thread");
-            rule.filter.absorb(filter);
-            for (k, sub) in done {
-                subtrees[k] = Some(sub);
-            }
+            results.push(h.join().expect("walk thread"));
         }
     });
+    let mut subtrees: Vec<Option<Subtree>> = (0..dirs.len()).map(|_| None).collect();
+    for (done, filter) in results {
+        rule.filter.absorb(filter);
+        for (k, sub) in done {
+            subtrees[k] = Some(sub);
+        }
+    }
     // Each directory's subtree goes right after the directory.
     let mut subtrees = subtrees.into_iter();
     for f in top {
