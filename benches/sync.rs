@@ -2,7 +2,7 @@
 //! the same run. Run with `bench/run` (builds the release binaries first).
 //!
 //! 1. edit-to-visible latency of a 1 KiB edit, p50/p99 over N edits (three
-//!    rounds; the median round is the figure),
+//!    rounds; the median round is the figure), in TMPDIR and again on tmpfs,
 //!    against an inotify watcher that copies the file itself;
 //! 2. initial sync of a repo-like tree (~20k files, a few large binaries,
 //!    ~300 MB) against `tar -c | tar -x` through a pipe, in TMPDIR and
@@ -155,9 +155,16 @@ impl Observer {
 /// floor and the median round is the figure.
 const LATENCY_ROUNDS: usize = 3;
 
-fn bench_latency(n: usize) {
-    println!("## 1. edit-to-visible latency, 1 KiB file, {LATENCY_ROUNDS} rounds of {n} edits each, interleaved");
-    let d = tempfile::tempdir().unwrap();
+/// Part 1 in a temporary directory under `base` (TMPDIR when None).
+fn bench_latency(n: usize, base: Option<&Path>) {
+    let d = match base {
+        Some(b) => tempfile::tempdir_in(b).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    println!(
+        "## 1. edit-to-visible latency, 1 KiB file, {LATENCY_ROUNDS} rounds of {n} edits each, interleaved, in {}",
+        d.path().display()
+    );
     let (fsrc, fdst, src, dst) =
         (d.path().join("fsrc"), d.path().join("fdst"), d.path().join("src"), d.path().join("out"));
     for p in [&fsrc, &fdst, &src] {
@@ -244,6 +251,12 @@ fn time_cmd(c: &mut Command) -> f64 {
     let s = c.status().unwrap();
     assert!(s.success(), "{c:?} failed");
     t0.elapsed().as_secs_f64()
+}
+
+/// /dev/shm, when it exists and TMPDIR is not already on it.
+fn tmpfs_elsewhere() -> Option<&'static Path> {
+    let shm = Path::new("/dev/shm");
+    (shm.is_dir() && !std::env::temp_dir().starts_with(shm)).then_some(shm)
 }
 
 /// Part 2-3 in a temporary directory under `base` (TMPDIR when None).
@@ -606,7 +619,15 @@ fn main() {
     println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
     for part in only.split(',') {
         match part.trim() {
-            "latency" => bench_latency(edits),
+            "latency" => {
+                bench_latency(edits, None);
+                // Again on tmpfs: there the floor's copy costs next to
+                // nothing, and what is left is devloop's own fixed cost (two
+                // processes, two wake-ups) against the floor's one.
+                if let Some(shm) = tmpfs_elsewhere() {
+                    bench_latency(edits, Some(shm));
+                }
+            }
             "initial" => {
                 bench_initial(None);
                 // Again on tmpfs, where the file system costs the same to
@@ -615,8 +636,7 @@ fn main() {
                 // past the inodes deleted in the last minutes, so after a
                 // large delete both contenders run many times slower and
                 // the disk figure says more about the disk than about devloop.
-                let shm = Path::new("/dev/shm");
-                if shm.is_dir() && !std::env::temp_dir().starts_with(shm) {
+                if let Some(shm) = tmpfs_elsewhere() {
                     bench_initial(Some(shm));
                 }
             }
