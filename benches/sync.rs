@@ -157,10 +157,7 @@ const LATENCY_ROUNDS: usize = 3;
 
 /// Part 1 in a temporary directory under `base` (TMPDIR when None).
 fn bench_latency(n: usize, base: Option<&Path>) {
-    let d = match base {
-        Some(b) => tempfile::tempdir_in(b).unwrap(),
-        None => tempfile::tempdir().unwrap(),
-    };
+    let d = tempdir_under(base);
     println!(
         "## 1. edit-to-visible latency, 1 KiB file, {LATENCY_ROUNDS} rounds of {n} edits each, interleaved, in {}",
         d.path().display()
@@ -253,6 +250,14 @@ fn time_cmd(c: &mut Command) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
+/// A temporary directory under `base`, or under TMPDIR.
+fn tempdir_under(base: Option<&Path>) -> tempfile::TempDir {
+    match base {
+        Some(b) => tempfile::tempdir_in(b).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
 /// /dev/shm, when it exists and TMPDIR is not already on it.
 fn tmpfs_elsewhere() -> Option<&'static Path> {
     let shm = Path::new("/dev/shm");
@@ -261,10 +266,7 @@ fn tmpfs_elsewhere() -> Option<&'static Path> {
 
 /// Part 2-3 in a temporary directory under `base` (TMPDIR when None).
 fn bench_initial(base: Option<&Path>) {
-    let d = match base {
-        Some(b) => tempfile::tempdir_in(b).unwrap(),
-        None => tempfile::tempdir().unwrap(),
-    };
+    let d = tempdir_under(base);
     println!("## 2-3. initial sync and unchanged re-sync of a repo-like tree, in {}", d.path().display());
     let src = d.path().join("src");
     let bytes = make_tree(&src, 20_000, 4, 50);

@@ -378,6 +378,11 @@ pub mod reaper {
         PENDING.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// True when no swapped-out path waits for removal.
+    pub fn is_empty() -> bool {
+        pending().is_empty()
+    }
+
     /// Queues a swapped-out path for removal.
     pub fn remove_later(p: PathBuf) {
         pending().push(p);

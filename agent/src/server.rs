@@ -337,11 +337,14 @@ fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
         if small && shared.apply.idle() {
             let out = apply::apply(&shared.root, q.deletes, q.archive);
             let _ = q.done.send(out);
-            // Swapped-out files go once the acknowledgement is on its way.
-            tokio::spawn(async {
-                tokio::task::yield_now().await;
-                apply::reaper::remove_now();
-            });
+            // Swapped-out files go once the acknowledgement is on its way
+            // (a new file swaps nothing out: no task then).
+            if !apply::reaper::is_empty() {
+                tokio::spawn(async {
+                    tokio::task::yield_now().await;
+                    apply::reaper::remove_now();
+                });
+            }
         } else if !shared.apply.send(apply::Job { deletes: q.deletes, archive: q.archive, done: q.done }) {
             return false;
         }
