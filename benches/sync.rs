@@ -24,7 +24,8 @@ use notify::Watcher as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 fn devloop_bin() -> PathBuf {
@@ -195,9 +196,14 @@ fn bench_latency(n: usize, base: Option<&Path>) {
     // each modify event too would copy up to three times per save, and on
     // disk each copy pays ext4's flush on close of a truncated file, which
     // made the floor slower (0.74 ms against 0.47 ms here).
+    // Its copies are counted: one per edit shows it is the watcher it claims
+    // to be (an earlier version woke on its own reads and copied in a loop).
+    let copies = Arc::new(AtomicUsize::new(0));
+    let counted = copies.clone();
     let mut copier = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
         if e.is_ok_and(|e| is_close_write(&e)) {
             let _ = std::fs::copy(&s, &t);
+            counted.fetch_add(1, Ordering::Relaxed);
         }
     })
     .unwrap();
@@ -226,8 +232,14 @@ fn bench_latency(n: usize, base: Option<&Path>) {
         );
         rounds.push(o50 / f50);
     }
+    let batches = w.rx.try_iter().filter(|v| v["type"] == "sync_applied" && v["initial"] == false).count();
     drop(w);
     drop(copier);
+    println!(
+        "{} edits each: the floor copied {} times, devloop sent {batches} batches",
+        LATENCY_ROUNDS * n,
+        copies.load(Ordering::Relaxed)
+    );
     let median = percentile(&mut rounds, 0.5);
     println!("ratio p50, median round: {median:.2}x   (target: p50 within 3x)\n");
 }
