@@ -113,42 +113,48 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Whether an event can mean new content: creation, a write, a rename.
-/// notify also reports opens and read-only closes; reacting to those makes
-/// a watcher whose own reads wake it again: a copier that copies forever and
-/// an observer that spins, each eating a core while the figure is taken.
-fn changes_content(e: &notify::Event) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    matches!(
-        e.kind,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Access(AccessKind::Close(AccessMode::Write))
-    )
-}
-
+/// The floor copier's trigger. notify also reports opens and read-only
+/// closes: a copier that reacted to those would wake on its own reads and
+/// copy in a loop, eating a core while the figure is taken.
 fn is_close_write(e: &notify::Event) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     matches!(e.kind, EventKind::Access(AccessKind::Close(AccessMode::Write)))
 }
 
 /// Waits for edits of one file to become visible in its copy.
+///
+/// It watches the copy's directory with inotify itself and waits on the
+/// descriptor in the measuring thread, so noticing a change costs one
+/// wake-up (a `notify` watcher would add its own thread and a channel hop,
+/// the same amount on both sides, which would flatten the ratio). Opens and
+/// reads are not in the mask: its own reads never wake it.
 struct Observer {
     src: PathBuf,
     dst: PathBuf,
-    rx: mpsc::Receiver<()>,
-    _watcher: notify::RecommendedWatcher,
+    fd: std::os::fd::OwnedFd,
 }
 
 impl Observer {
     fn new(src: PathBuf, dst: PathBuf) -> Observer {
-        let (tx, rx) = mpsc::channel();
-        let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-            if e.is_ok_and(|e| changes_content(&e)) {
-                let _ = tx.send(());
-            }
-        })
-        .unwrap();
-        w.watch(dst.parent().unwrap(), notify::RecursiveMode::NonRecursive).unwrap();
-        Observer { src, dst, rx, _watcher: w }
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        assert!(raw >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let dir = std::ffi::CString::new(dst.parent().unwrap().as_os_str().as_bytes()).unwrap();
+        let mask = libc::IN_CREATE | libc::IN_MODIFY | libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM;
+        let wd = unsafe { libc::inotify_add_watch(raw, dir.as_ptr(), mask) };
+        assert!(wd >= 0, "inotify_add_watch: {}", std::io::Error::last_os_error());
+        Observer { src, dst, fd }
+    }
+
+    /// Waits up to `ms` for events, then discards whatever is queued.
+    fn wait_events(&self, ms: i32) {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let mut buf = [0u8; 4096];
+        while unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
     }
 
     /// Writes a new 1 KiB content in place (truncate + write + close, as
@@ -156,14 +162,14 @@ impl Observer {
     fn edit(&self, i: usize) -> f64 {
         let mut content = format!("edit {i:06} ").into_bytes();
         content.resize(1024, b'x');
-        while self.rx.try_recv().is_ok() {}
+        self.wait_events(0);
         let t0 = Instant::now();
         std::fs::write(&self.src, &content).unwrap();
         loop {
             if std::fs::read(&self.dst).map(|b| b == content).unwrap_or(false) {
                 break;
             }
-            let _ = self.rx.recv_timeout(Duration::from_millis(100));
+            self.wait_events(100);
             assert!(t0.elapsed() < Duration::from_secs(10), "edit {i} never became visible");
         }
         t0.elapsed().as_secs_f64() * 1e3
