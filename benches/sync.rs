@@ -3,7 +3,9 @@
 //!
 //! 1. edit-to-visible latency of a 1 KiB edit, p50/p99 over N edits (three
 //!    rounds; the median round is the figure), in TMPDIR and again on tmpfs,
-//!    against an inotify watcher that copies the file itself;
+//!    against an inotify watcher that copies the file itself, and against a
+//!    relay (that watcher hands the content to a second process, which
+//!    writes a temporary and renames it into place);
 //! 2. initial sync of a repo-like tree (~20k files, a few large binaries,
 //!    ~300 MB) against `tar -c | tar -x` through a pipe, in TMPDIR and
 //!    again on tmpfs (/dev/shm) when TMPDIR is elsewhere;
