@@ -12,7 +12,9 @@
 
 use crate::events::{Kind, Reporter};
 use crate::target::Io;
-use devloop_agent::protocol::{AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream};
+use devloop_agent::protocol::{
+    AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream, CHUNK_SIZE,
+};
 use devloop_agent::transport::{self, ConnectError, Credits, End, Heartbeat, Incoming, Outbound, StreamSender};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -158,8 +160,15 @@ impl Link {
             Some(t) => t.insert(id, reply),
             None => return Err(self.lost()),
         };
-        let batch = Control::Batch { id, deletes, stream: Some(id as u32), commands, restart };
-        self.out.control_with_stream(batch, id as u32, archive).map_err(|_| self.lost())?;
+        // An edit's archive fits one message with its batch; a larger one
+        // goes as a stream of chunks, so it cannot hold up a heartbeat.
+        let sent = if archive.len() <= CHUNK_SIZE {
+            self.out.batch_with_archive(&Control::Batch { id, deletes, stream: None, commands, restart }, archive)
+        } else {
+            let batch = Control::Batch { id, deletes, stream: Some(id as u32), commands, restart };
+            self.out.control_with_stream(batch, id as u32, archive)
+        };
+        sent.map_err(|_| self.lost())?;
         Ok(applied)
     }
 
@@ -226,6 +235,10 @@ async fn dispatch(
                 Some(Incoming::Data { stream, .. }) => {
                     out.close(transport::close_code::PROTOCOL, "unexpected data from the agent");
                     break format!("the agent sent data on stream {stream}, which devloop never opened");
+                }
+                Some(Incoming::Batch { .. }) => {
+                    out.close(transport::close_code::PROTOCOL, "unexpected batch from the agent");
+                    break "the agent sent a batch, which only devloop sends".to_string();
                 }
                 Some(Incoming::Control(c)) => match c {
                     Control::IndexPart { id, entries, done } => {

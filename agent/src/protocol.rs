@@ -6,7 +6,14 @@
 //! ```text
 //! 0x01 | JSON(Control)                 a control message
 //! 0x02 | stream id (u32 BE) | bytes    a chunk of a data stream; empty = end
+//! 0x03 | length (u32 BE) | JSON(Control) | archive
+//!                                      a batch with its whole (small) archive
 //! ```
+//!
+//! The third form carries a small batch in one message: an edit then costs
+//! the agent one message to decode and hand over, not three (the batch, its
+//! data, the end marker). Only a [`Control::Batch`] without a stream may
+//! come this way, and the archive is at most [`CHUNK_SIZE`].
 //!
 //! Control messages are JSON so that adding an optional field is a safe
 //! change; removing or renaming one, or changing a meaning, needs a new
@@ -17,7 +24,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bump on any incompatible change to [`Control`] or the frame layout.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Environment variable that carries the session token to the agent.
 pub const TOKEN_ENV: &str = "DEVLOOP_AGENT_TOKEN";
 /// HTTP header on the upgrade request that carries the agent's version back.
@@ -46,12 +53,21 @@ pub fn parse_subprotocol(s: &str) -> Option<u32> {
 
 const TAG_CONTROL: u8 = 1;
 const TAG_DATA: u8 = 2;
+const TAG_BATCH: u8 = 3;
 
 /// One decoded WebSocket message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Control(Control),
-    Data { stream: u32, bytes: Vec<u8> },
+    Data {
+        stream: u32,
+        bytes: Vec<u8>,
+    },
+    /// A batch and its whole archive (see the module's table).
+    Batch {
+        control: Control,
+        archive: Vec<u8>,
+    },
 }
 
 /// Why a frame could not be decoded. The connection is closed with this text.
@@ -63,6 +79,8 @@ pub enum FrameError {
     UnknownTag(u8),
     #[error("data frame shorter than its 5-byte header")]
     ShortData,
+    #[error("batch frame shorter than its header and the control message it announces")]
+    ShortBatch,
     #[error("control message is not valid: {0}")]
     BadControl(String),
 }
@@ -79,6 +97,7 @@ impl Frame {
                 out
             }
             Frame::Data { stream, bytes } => encode_data(*stream, bytes),
+            Frame::Batch { control, archive } => encode_batch(control, archive),
         }
     }
 
@@ -96,6 +115,16 @@ impl Frame {
                 let stream = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 Ok(Frame::Data { stream, bytes: rest[4..].to_vec() })
             }
+            TAG_BATCH => {
+                let (len, rest) = rest.split_first_chunk::<4>().ok_or(FrameError::ShortBatch)?;
+                let len = u32::from_be_bytes(*len) as usize;
+                if rest.len() < len {
+                    return Err(FrameError::ShortBatch);
+                }
+                let (json, archive) = rest.split_at(len);
+                let control = serde_json::from_slice(json).map_err(|e| FrameError::BadControl(e.to_string()))?;
+                Ok(Frame::Batch { control, archive: archive.to_vec() })
+            }
             t => Err(FrameError::UnknownTag(t)),
         }
     }
@@ -107,6 +136,19 @@ pub fn encode_data(stream: u32, bytes: &[u8]) -> Vec<u8> {
     out.push(TAG_DATA);
     out.extend_from_slice(&stream.to_be_bytes());
     out.extend_from_slice(bytes);
+    out
+}
+
+/// Encodes a batch with its archive without building a [`Frame`] first.
+pub fn encode_batch(control: &Control, archive: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + archive.len());
+    out.push(TAG_BATCH);
+    out.extend_from_slice(&[0; 4]);
+    // Serializing these plain types cannot fail (see `encode`).
+    serde_json::to_writer(&mut out, control).expect("control serializes");
+    let len = (out.len() - 5) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(archive);
     out
 }
 
@@ -308,12 +350,27 @@ mod tests {
     }
 
     #[test]
+    fn batch_with_archive_round_trips() {
+        let control =
+            Control::Batch { id: 4, deletes: vec!["gone".into()], stream: None, commands: vec![], restart: false };
+        for archive in [vec![], vec![7u8; 3], (0..=255u8).collect::<Vec<_>>()] {
+            let f = Frame::Batch { control: control.clone(), archive };
+            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        }
+    }
+
+    #[test]
     fn garbage_is_rejected_with_a_reason() {
         assert_eq!(Frame::decode(&[]), Err(FrameError::Empty));
         assert_eq!(Frame::decode(&[9, 1, 2]), Err(FrameError::UnknownTag(9)));
         assert_eq!(Frame::decode(&[2, 0, 0]), Err(FrameError::ShortData));
         assert!(matches!(Frame::decode(b"\x01{\"type\":\"nope\"}"), Err(FrameError::BadControl(_))));
         assert!(matches!(Frame::decode(b"\x01{\"type\":\"credit\""), Err(FrameError::BadControl(_))));
+        // A batch frame: no room for its length, a length past the end, a
+        // control message that is not JSON.
+        assert_eq!(Frame::decode(&[3, 0, 0]), Err(FrameError::ShortBatch));
+        assert_eq!(Frame::decode(&[3, 0, 0, 0, 9, b'{', b'}']), Err(FrameError::ShortBatch));
+        assert!(matches!(Frame::decode(&[3, 0, 0, 0, 2, b'{', b'x', 1, 2]), Err(FrameError::BadControl(_))));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use crate::{apply, run};
 use devloop_agent::index::{self, WalkOptions};
-use devloop_agent::protocol::{Control, ErrorCode, PROTOCOL_VERSION};
+use devloop_agent::protocol::{self, CommandSpec, Control, ErrorCode, PROTOCOL_VERSION};
 use devloop_agent::transport::{self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound};
 use devloop_agent::{paths, VERSION};
 use std::collections::{HashMap, VecDeque};
@@ -247,6 +247,24 @@ where
                     break End::Io("apply worker stopped".into());
                 }
             }
+            Incoming::Batch { control: Control::Batch { id, deletes, stream: None, commands, restart }, archive } => {
+                if archive.len() > protocol::CHUNK_SIZE {
+                    let m = format!("batch {id} came with an archive of {} bytes in one message; larger than {} bytes must be streamed", archive.len(), protocol::CHUNK_SIZE);
+                    fatal(&out, &m);
+                    break End::Protocol(m);
+                }
+                let result = queue_batch(&mut queued, None, deletes, Some(apply::Archive::Buffered(archive)));
+                if !dispatch(&mut queued, &shared) {
+                    fatal(&out, "the apply worker is gone");
+                    break End::Io("apply worker stopped".into());
+                }
+                acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
+            }
+            Incoming::Batch { control, .. } => {
+                let m = format!("only a batch without a stream may come with an archive, not {}", kind_of(&control));
+                fatal(&out, &m);
+                break End::Protocol(m);
+            }
             Incoming::Control(c) => match c {
                 Control::IndexRequest { id, under, prune } => {
                     tokio::spawn(send_index(shared.root.clone(), id, under, prune, out.clone()));
@@ -260,29 +278,12 @@ where
                         }
                         streams.insert(s, StreamIn::Buffer(Vec::new()));
                     }
-                    let (done, result) = tokio::sync::oneshot::channel();
-                    queued.push_back(Queued { stream, deletes, archive: None, done });
+                    let result = queue_batch(&mut queued, stream, deletes, None);
                     if !dispatch(&mut queued, &shared) {
                         fatal(&out, "the apply worker is gone");
                         break End::Io("apply worker stopped".into());
                     }
-                    let out = out.clone();
-                    let post_sync = post_sync.clone();
-                    tokio::spawn(async move {
-                        let Ok(o) = result.await else { return };
-                        let changed = o.written + o.deleted > 0;
-                        let _ = out.control(Control::Applied {
-                            id,
-                            written: o.written,
-                            deleted: o.deleted,
-                            bytes: o.bytes,
-                            errors: o.errors,
-                            apply_us: o.apply_us,
-                        });
-                        if !commands.is_empty() || (restart && changed) {
-                            let _ = post_sync.send(PostSync { batch: id, commands, restart: restart && changed });
-                        }
-                    });
+                    acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
                 }
                 Control::AppConfigure { app } => shared.app.configure(app),
                 Control::Credit { .. } => {}
@@ -303,6 +304,45 @@ where
     // error: its files stay as they were (temporaries are removed).
     drop(streams);
     clean
+}
+
+/// Queues a batch (its archive to come on `stream`, or given); returns
+/// where its outcome arrives.
+fn queue_batch(
+    queued: &mut VecDeque<Queued>,
+    stream: Option<u32>,
+    deletes: Vec<String>,
+    archive: Option<apply::Archive>,
+) -> tokio::sync::oneshot::Receiver<apply::Outcome> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    queued.push_back(Queued { stream, deletes, archive, done });
+    result
+}
+
+/// Answers a batch once it is applied, then runs its post-sync work.
+fn acknowledge(
+    result: tokio::sync::oneshot::Receiver<apply::Outcome>,
+    id: u64,
+    commands: Vec<CommandSpec>,
+    restart: bool,
+    out: Outbound,
+    post_sync: mpsc::UnboundedSender<PostSync>,
+) {
+    tokio::spawn(async move {
+        let Ok(o) = result.await else { return };
+        let changed = o.written + o.deleted > 0;
+        let _ = out.control(Control::Applied {
+            id,
+            written: o.written,
+            deleted: o.deleted,
+            bytes: o.bytes,
+            errors: o.errors,
+            apply_us: o.apply_us,
+        });
+        if !commands.is_empty() || (restart && changed) {
+            let _ = post_sync.send(PostSync { batch: id, commands, restart: restart && changed });
+        }
+    });
 }
 
 /// Archives up to this size are collected in memory and, when nothing else
@@ -418,7 +458,7 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<Strin
 
 struct PostSync {
     batch: u64,
-    commands: Vec<devloop_agent::protocol::CommandSpec>,
+    commands: Vec<CommandSpec>,
     restart: bool,
 }
 

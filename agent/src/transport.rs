@@ -177,6 +177,11 @@ pub enum Incoming {
         stream: u32,
         bytes: Vec<u8>,
     },
+    /// A batch that came with its whole archive in one message.
+    Batch {
+        control: Control,
+        archive: Vec<u8>,
+    },
     /// Always the last item: how the connection ended.
     Ended(End),
 }
@@ -237,6 +242,14 @@ impl Outbound {
     /// Queues a control message ahead of any data.
     pub fn control(&self, c: Control) -> Result<(), Closed> {
         self.ctl.send(Out::Control(c)).map_err(|_| Closed)
+    }
+
+    /// Sends a batch and its whole archive as one message (the archive at
+    /// most [`CHUNK_SIZE`], so it delays nothing queued behind it more than
+    /// a data chunk would).
+    pub fn batch_with_archive(&self, batch: &Control, archive: &[u8]) -> Result<(), Closed> {
+        debug_assert!(archive.len() <= CHUNK_SIZE);
+        self.ctl.send(Out::Group(vec![protocol::encode_batch(batch, archive)])).map_err(|_| Closed)
     }
 
     /// Sends a control message and a whole small stream (announced by that
@@ -348,6 +361,7 @@ where
                 Message::Binary(b) => match Frame::decode(&b) {
                     Ok(Frame::Control(c)) => Incoming::Control(c),
                     Ok(Frame::Data { stream, bytes }) => Incoming::Data { stream, bytes },
+                    Ok(Frame::Batch { control, archive }) => Incoming::Batch { control, archive },
                     Err(e) => {
                         let m = e.to_string();
                         closer.close(close_code::PROTOCOL, truncate(&m, 120));

@@ -136,13 +136,9 @@ fn assert_outside_untouched(a: &Agent) {
     assert_eq!(top, vec!["outside", "root"], "nothing written beside the root");
 }
 
-#[tokio::test]
-async fn hostile_paths_and_entries_never_escape_the_root() {
-    let a = start_agent(None);
-    // A symlink inside the root that points outside (as a pod process could
-    // create): nothing may be written or deleted through it.
-    std::os::unix::fs::symlink(&a.outside, a.root.join("evil")).unwrap();
-    let (out, mut rx) = session(&a).await;
+/// An archive of hostile entries and one good file (`good.txt`); returns it
+/// and the number of hostile entries.
+fn hostile_archive() -> (Vec<u8>, usize) {
     use tar::EntryType as T;
     let mut ar = Vec::new();
     let long_name = "n".repeat(300);
@@ -168,14 +164,29 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
         raw_entry(&mut ar, p, *k, d, *l);
     }
     ar.extend_from_slice(&[0u8; 1024]);
-    let deletes = vec!["../outside/victim".into(), "evil/victim".into(), "/etc/hostname".into()];
-    let reply = send_batch(&out, &mut rx, 2, deletes, Some(ar)).await;
+    (ar, hostile.len() - 1)
+}
+
+/// Deletions that each try to leave the root.
+fn hostile_deletes() -> Vec<String> {
+    vec!["../outside/victim".into(), "evil/victim".into(), "/etc/hostname".into()]
+}
+
+#[tokio::test]
+async fn hostile_paths_and_entries_never_escape_the_root() {
+    let a = start_agent(None);
+    // A symlink inside the root that points outside (as a pod process could
+    // create): nothing may be written or deleted through it.
+    std::os::unix::fs::symlink(&a.outside, a.root.join("evil")).unwrap();
+    let (out, mut rx) = session(&a).await;
+    let (ar, hostile) = hostile_archive();
+    let reply = send_batch(&out, &mut rx, 2, hostile_deletes(), Some(ar)).await;
     let Control::Applied { written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
     // Only good.txt landed.
     assert_eq!(written, 1, "errors: {errors:#?}");
     assert_eq!(std::fs::read_to_string(a.root.join("good.txt")).unwrap(), "fine");
     // Every hostile entry and deletion is reported by path.
-    assert_eq!(errors.len(), hostile.len() - 1 + 3, "errors: {errors:#?}");
+    assert_eq!(errors.len(), hostile + 3, "errors: {errors:#?}");
     for e in &errors {
         assert!(!e.message.is_empty());
     }
@@ -189,6 +200,28 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
     assert!(matches!(reply, Control::Applied { deleted: 1, .. }), "{reply:?}");
     assert!(std::fs::symlink_metadata(a.root.join("evil")).is_err(), "the link is gone");
     assert_outside_untouched(&a);
+    out.close(1000, "");
+}
+
+/// The same hostile archive, sent the way an edit travels: the batch and
+/// its archive in one message.
+#[tokio::test]
+async fn hostile_entries_in_a_one_message_batch_never_escape_the_root() {
+    let a = start_agent(None);
+    std::os::unix::fs::symlink(&a.outside, a.root.join("evil")).unwrap();
+    let (out, mut rx) = session(&a).await;
+    let (ar, hostile) = hostile_archive();
+    assert!(ar.len() <= devloop_agent::protocol::CHUNK_SIZE, "fits one message");
+    let batch = Control::Batch { id: 2, deletes: hostile_deletes(), stream: None, commands: vec![], restart: false };
+    out.batch_with_archive(&batch, &ar).unwrap();
+    let reply = next_control(&mut rx).await;
+    let Control::Applied { id: 2, written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
+    assert_eq!(written, 1, "errors: {errors:#?}");
+    assert_eq!(std::fs::read_to_string(a.root.join("good.txt")).unwrap(), "fine");
+    assert_eq!(errors.len(), hostile + 3, "errors: {errors:#?}");
+    assert!(errors.iter().any(|e| e.path == "evil/pwned" && e.message.contains("symlink")));
+    assert_outside_untouched(&a);
+    assert!(!Path::new("/tmp/devloop-abs-escape").exists());
     out.close(1000, "");
 }
 
@@ -244,7 +277,8 @@ async fn wrong_protocol_version_gets_a_message_naming_both_versions() {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 426);
             let body = String::from_utf8(resp.body().clone().unwrap()).unwrap();
-            assert!(body.contains("v1") && body.contains("v999"), "body: {body}");
+            let ours = format!("v{}", devloop_agent::protocol::PROTOCOL_VERSION);
+            assert!(body.contains(&ours) && body.contains("v999"), "body: {body}");
         }
         other => panic!("expected an HTTP refusal, got {:?}", other.map(|_| ())),
     }
@@ -258,7 +292,10 @@ async fn raw_ws(a: &Agent) -> tokio_tungstenite::WebSocketStream<TcpStream> {
     let tcp = TcpStream::connect(("127.0.0.1", a.port)).await.unwrap();
     let mut req = "ws://x/".into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    req.headers_mut().insert("sec-websocket-protocol", "devloop.v1".parse().unwrap());
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        devloop_agent::protocol::subprotocol(devloop_agent::protocol::PROTOCOL_VERSION).parse().unwrap(),
+    );
     // Allow sending messages larger than the agent accepts.
     let cfg = transport::ws_config().max_message_size(None).max_frame_size(None);
     tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg)).await.unwrap().0
@@ -334,6 +371,27 @@ async fn garbage_oversized_and_truncated_frames_close_only_that_session() {
     let (code, reason) = close_of(&mut ws).await;
     assert_eq!(code, 1002);
     assert!(reason.contains("unexpected message"), "reason: {reason}");
+
+    // One-message batches: cut short, carrying something that is not a
+    // batch, naming a stream, or with an archive too large for one message.
+    let hello = Control::Hello { agent_version: "x".into(), protocol: 1, root: "/".into(), pid: 1 };
+    let streamed = Control::Batch { id: 1, deletes: vec![], stream: Some(1), commands: vec![], restart: false };
+    let plain = Control::Batch { id: 1, deletes: vec![], stream: None, commands: vec![], restart: false };
+    let big = vec![0u8; devloop_agent::protocol::CHUNK_SIZE + 1];
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![3, 0, 0], "batch frame shorter"),
+        (devloop_agent::protocol::encode_batch(&hello, b"x"), "only a batch without a stream"),
+        (devloop_agent::protocol::encode_batch(&streamed, b"x"), "only a batch without a stream"),
+        (devloop_agent::protocol::encode_batch(&plain, &big), "must be streamed"),
+    ];
+    for (frame, why) in cases {
+        let mut ws = raw_ws(&a).await;
+        ws.send(Message::Binary(frame.into())).await.unwrap();
+        let (code, reason) = close_of(&mut ws).await;
+        assert_eq!(code, 1002, "reason: {reason}");
+        assert!(reason.contains(why), "expected {why:?} in {reason:?}");
+    }
+    assert!(!a.root.join("x").exists());
 
     // Truncated: half a frame header, then the socket closes.
     {
