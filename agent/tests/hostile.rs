@@ -167,6 +167,23 @@ fn hostile_archive() -> (Vec<u8>, usize) {
     (ar, hostile.len() - 1)
 }
 
+/// The reply to the hostile archive and deletions: only good.txt landed,
+/// every hostile entry and deletion is reported by path, nothing outside
+/// the root changed.
+fn assert_only_good_landed(a: &Agent, reply: Control, hostile: usize) {
+    let Control::Applied { id: 2, written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
+    assert_eq!(written, 1, "errors: {errors:#?}");
+    assert_eq!(std::fs::read_to_string(a.root.join("good.txt")).unwrap(), "fine");
+    assert_eq!(errors.len(), hostile + 3, "errors: {errors:#?}");
+    for e in &errors {
+        assert!(!e.message.is_empty());
+    }
+    assert!(errors.iter().any(|e| e.path == "evil/pwned" && e.message.contains("symlink")));
+    assert!(errors.iter().any(|e| e.path == "hard" && e.message.contains("hard link")));
+    assert_outside_untouched(a);
+    assert!(!Path::new("/tmp/devloop-abs-escape").exists());
+}
+
 /// Deletions that each try to leave the root.
 fn hostile_deletes() -> Vec<String> {
     vec!["../outside/victim".into(), "evil/victim".into(), "/etc/hostname".into()]
@@ -181,19 +198,7 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
     let (out, mut rx) = session(&a).await;
     let (ar, hostile) = hostile_archive();
     let reply = send_batch(&out, &mut rx, 2, hostile_deletes(), Some(ar)).await;
-    let Control::Applied { written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
-    // Only good.txt landed.
-    assert_eq!(written, 1, "errors: {errors:#?}");
-    assert_eq!(std::fs::read_to_string(a.root.join("good.txt")).unwrap(), "fine");
-    // Every hostile entry and deletion is reported by path.
-    assert_eq!(errors.len(), hostile + 3, "errors: {errors:#?}");
-    for e in &errors {
-        assert!(!e.message.is_empty());
-    }
-    assert!(errors.iter().any(|e| e.path == "evil/pwned" && e.message.contains("symlink")));
-    assert!(errors.iter().any(|e| e.path == "hard" && e.message.contains("hard link")));
-    assert_outside_untouched(&a);
-    assert!(!Path::new("/tmp/devloop-abs-escape").exists());
+    assert_only_good_landed(&a, reply, hostile);
     // Deleting the link itself is allowed: it removes the link, never its
     // target.
     let reply = send_batch(&out, &mut rx, 3, vec!["evil".into()], None).await;
@@ -214,14 +219,7 @@ async fn hostile_entries_in_a_one_message_batch_never_escape_the_root() {
     assert!(ar.len() <= devloop_agent::protocol::CHUNK_SIZE, "fits one message");
     let batch = Control::Batch { id: 2, deletes: hostile_deletes(), stream: None, commands: vec![], restart: false };
     out.batch_with_archive(&batch, &ar).unwrap();
-    let reply = next_control(&mut rx).await;
-    let Control::Applied { id: 2, written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
-    assert_eq!(written, 1, "errors: {errors:#?}");
-    assert_eq!(std::fs::read_to_string(a.root.join("good.txt")).unwrap(), "fine");
-    assert_eq!(errors.len(), hostile + 3, "errors: {errors:#?}");
-    assert!(errors.iter().any(|e| e.path == "evil/pwned" && e.message.contains("symlink")));
-    assert_outside_untouched(&a);
-    assert!(!Path::new("/tmp/devloop-abs-escape").exists());
+    assert_only_good_landed(&a, next_control(&mut rx).await, hostile);
     out.close(1000, "");
 }
 
