@@ -189,13 +189,18 @@ fn hostile_deletes() -> Vec<String> {
     vec!["../outside/victim".into(), "evil/victim".into(), "/etc/hostname".into()]
 }
 
+/// An agent whose root holds `evil`, a symlink pointing outside (as a pod
+/// process could create): nothing may be written or deleted through it.
+async fn agent_with_a_link_out() -> (Agent, transport::Outbound, tokio::sync::mpsc::Receiver<Incoming>) {
+    let a = start_agent(None);
+    std::os::unix::fs::symlink(&a.outside, a.root.join("evil")).unwrap();
+    let (out, rx) = session(&a).await;
+    (a, out, rx)
+}
+
 #[tokio::test]
 async fn hostile_paths_and_entries_never_escape_the_root() {
-    let a = start_agent(None);
-    // A symlink inside the root that points outside (as a pod process could
-    // create): nothing may be written or deleted through it.
-    std::os::unix::fs::symlink(&a.outside, a.root.join("evil")).unwrap();
-    let (out, mut rx) = session(&a).await;
+    let (a, out, mut rx) = agent_with_a_link_out().await;
     let (ar, hostile) = hostile_archive();
     let reply = send_batch(&out, &mut rx, 2, hostile_deletes(), Some(ar)).await;
     assert_only_good_landed(&a, reply, hostile);
@@ -212,9 +217,7 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
 /// its archive in one message.
 #[tokio::test]
 async fn hostile_entries_in_a_one_message_batch_never_escape_the_root() {
-    let a = start_agent(None);
-    std::os::unix::fs::symlink(&a.outside, a.root.join("evil")).unwrap();
-    let (out, mut rx) = session(&a).await;
+    let (a, out, mut rx) = agent_with_a_link_out().await;
     let (ar, hostile) = hostile_archive();
     assert!(ar.len() <= devloop_agent::protocol::CHUNK_SIZE, "fits one message");
     let batch = Control::Batch { id: 2, deletes: hostile_deletes(), stream: None, commands: vec![], restart: false };
