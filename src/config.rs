@@ -413,10 +413,13 @@ impl PathMatcher {
         Ok(PathMatcher { names, paths, patterns: patterns.to_vec() })
     }
 
-    /// Does a target-relative wire path match?
-    pub fn is_match(&self, wire: &str) -> bool {
-        let name = wire.rsplit('/').next().unwrap_or(wire);
-        self.names.is_match(name) || self.paths.is_match(wire)
+    /// Does a target-relative wire path match? (Bytes: a name need not be
+    /// UTF-8.)
+    pub fn is_match(&self, wire: &[u8]) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let name = wire.rsplit(|b| *b == b'/').next().unwrap_or(wire);
+        let as_path = |b: &[u8]| Path::new(std::ffi::OsStr::from_bytes(b)).to_path_buf();
+        self.names.is_match(as_path(name)) || self.paths.is_match(as_path(wire))
     }
 }
 
@@ -603,9 +606,9 @@ impl Validator<'_> {
                     ));
                 }
             }
-            if let Some((j, other)) =
-                rules.iter().enumerate().find(|(_, o)| paths::is_within(&o.to, &to) || paths::is_within(&to, &o.to))
-            {
+            if let Some((j, other)) = rules.iter().enumerate().find(|(_, o)| {
+                paths::is_within(o.to.as_bytes(), to.as_bytes()) || paths::is_within(to.as_bytes(), o.to.as_bytes())
+            }) {
                 return Err(e(
                     &["sync", &idx, "to"],
                     format!(
@@ -699,7 +702,7 @@ fn normalize_to(s: &str) -> Result<String, String> {
     if t.is_empty() || t == "." {
         return Ok(String::new());
     }
-    paths::components(t).map(|_| t.to_string()).map_err(|e| format!("`{s}`: {e}"))
+    paths::components(t.as_bytes()).map(|_| t.to_string()).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn absolute(dir: &Path, p: &str) -> PathBuf {
@@ -912,10 +915,11 @@ mod tests {
     #[test]
     fn matcher_globs() {
         let m = PathMatcher::new(&["package.json".into(), "src/**/*.rs".into()]).unwrap();
-        assert!(m.is_match("package.json"));
-        assert!(m.is_match("sub/package.json"));
-        assert!(m.is_match("src/a/b.rs"));
-        assert!(!m.is_match("lib/a.rs"));
+        assert!(m.is_match(b"package.json"));
+        assert!(m.is_match(b"sub/package.json"));
+        assert!(m.is_match(b"src/a/b.rs"));
+        assert!(!m.is_match(b"lib/a.rs"));
+        assert!(m.is_match(b"src/\xff/b.rs"), "a name that is not UTF-8 matches like any other");
     }
 
     #[test]

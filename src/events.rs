@@ -70,9 +70,12 @@ pub enum Kind {
         bytes: u64,
         latency_ms: f64,
     },
-    /// One path could not be synced.
+    /// One path could not be synced. A name that is not UTF-8 is shown
+    /// with replacement characters, and `path_not_utf8` says so.
     SyncError {
         path: String,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        path_not_utf8: bool,
         message: String,
     },
     /// The target matches the source (after the initial sync).
@@ -208,7 +211,7 @@ pub fn plain(ev: &Event) -> String {
             if *initial { "initial sync: " } else { "" },
             human_bytes(*bytes)
         ),
-        Kind::SyncError { path, message } => format!("error: {path}: {message}"),
+        Kind::SyncError { path, message, .. } => format!("error: {path}: {message}"),
         Kind::InSync { files, dirs, checked_ms } => {
             format!("in sync: {files} files, {dirs} directories (checked in {checked_ms:.0} ms)")
         }

@@ -12,6 +12,7 @@
 
 use crate::events::{Kind, Reporter};
 use crate::target::Io;
+use devloop_agent::paths::WirePath;
 use devloop_agent::protocol::{
     AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream, CHUNK_SIZE,
 };
@@ -109,7 +110,7 @@ impl Link {
     }
 
     /// Asks the agent for the index of these root-relative trees.
-    pub async fn index(&mut self, under: Vec<String>, prune: Vec<String>) -> Result<Vec<Entry>, LinkError> {
+    pub async fn index(&mut self, under: Vec<WirePath>, prune: Vec<WirePath>) -> Result<Vec<Entry>, LinkError> {
         let id = self.id();
         let (reply, rx) = oneshot::channel();
         self.req.send(Req::Index { id, reply }).map_err(|_| self.lost())?;
@@ -121,7 +122,7 @@ impl Link {
     /// (when `with_data`), finishes it, and then awaits `applied`.
     pub async fn begin_batch(
         &mut self,
-        deletes: Vec<String>,
+        deletes: Vec<WirePath>,
         commands: Vec<CommandSpec>,
         restart: bool,
         with_data: bool,
@@ -147,7 +148,7 @@ impl Link {
     /// acknowledgement to await.
     pub fn inline_batch(
         &mut self,
-        deletes: Vec<String>,
+        deletes: Vec<WirePath>,
         commands: Vec<CommandSpec>,
         restart: bool,
         archive: &[u8],

@@ -17,6 +17,8 @@ mod exit {
     pub const CONFIG: u8 = 2;
     /// A target could not be reached.
     pub const UNREACHABLE: u8 = 3;
+    /// devloop itself failed (a task panicked: a bug, reported as such).
+    pub const INTERNAL: u8 = 4;
 }
 
 #[derive(Parser)]
@@ -70,6 +72,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    devloop_agent::fault::set_scope("cli");
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -231,18 +234,16 @@ async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
     }
     let mut code = exit::OK;
     for (name, t) in tasks {
-        let outcome = t.await.unwrap_or(Outcome::Unreachable);
+        let rep = Reporter::new(&name, ev_tx.clone());
+        let outcome = session::joined(&rep, &format!("the session of service {name}"), t.await);
         let c = match outcome {
             Outcome::InSync | Outcome::Stopped => exit::OK,
             Outcome::PathErrors(_) => exit::NOT_IN_SYNC,
             Outcome::Unreachable => exit::UNREACHABLE,
+            Outcome::Panicked => exit::INTERNAL,
         };
-        if c != exit::OK {
-            let _ = ev_tx.send(events::Event {
-                ts: events::now_ms(),
-                service: name,
-                kind: Kind::Warning { message: format!("{outcome:?}") },
-            });
+        if let Some(message) = outcome.describe() {
+            rep.send(Kind::Warning { message });
         }
         code = code.max(c);
     }

@@ -5,7 +5,7 @@
 use crate::config::{KubeTarget, Service, Target};
 use crate::events::{Kind, Reporter};
 use crate::link::{Link, LinkError};
-use crate::sync::{Engine, LiveEnd};
+use crate::sync::{Engine, LiveEnd, SyncError};
 use crate::target::kubernetes::{self, KubeError};
 use crate::target::{self, workload, Endpoint, TargetError};
 use crate::watch::Watch;
@@ -38,6 +38,37 @@ pub enum Outcome {
     Unreachable,
     /// Stopped by the user.
     Stopped,
+    /// A task of devloop's panicked (a bug; reported as an error event).
+    Panicked,
+}
+
+impl Outcome {
+    /// What went wrong, for people (None when nothing did).
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            Outcome::InSync | Outcome::Stopped => None,
+            Outcome::PathErrors(n) => Some(format!("{n} path(s) are not in sync (the errors above say which)")),
+            Outcome::Unreachable => Some("the target could not be reached (the errors above say why)".into()),
+            Outcome::Panicked => Some("devloop failed with an internal error (reported above)".into()),
+        }
+    }
+}
+
+/// The outcome of a joined session task; a panic is reported, with the
+/// task's name and the panic's message, as an error event.
+pub fn joined(rep: &Reporter, what: &str, r: Result<Outcome, tokio::task::JoinError>) -> Outcome {
+    match r {
+        Ok(o) => o,
+        Err(e) if e.is_panic() => {
+            let message = devloop_agent::index::panic_message(&*e.into_panic());
+            rep.send(Kind::Error {
+                message: format!("{what} panicked: {message}"),
+                hint: Some("this is a bug in devloop: please report it with the lines above".into()),
+            });
+            Outcome::Panicked
+        }
+        Err(_) => Outcome::Stopped,
+    }
 }
 
 /// A random session token (128 bits from the kernel).
@@ -153,7 +184,7 @@ async fn follow_pods(
                         rep.send(Kind::Warning {
                             message: format!("pod {pod} is gone or not ready; stopped syncing it"),
                         });
-                        s.end().await;
+                        s.end(&rep, &pod).await;
                     }
                 }
             }
@@ -171,8 +202,8 @@ async fn follow_pods(
                 return Outcome::Unreachable;
             }
             let mut worst = Outcome::InSync;
-            for (_, s) in sessions.drain() {
-                let o = s.task.await.unwrap_or(Outcome::Unreachable);
+            for (pod, s) in sessions.drain() {
+                let o = joined(&rep, &format!("the session of pod {pod}"), s.task.await);
                 worst = worse(worst, o);
             }
             return worst;
@@ -183,8 +214,8 @@ async fn follow_pods(
                 for s in sessions.values() {
                     let _ = s.stop.send(true);
                 }
-                for (_, s) in sessions.drain() {
-                    s.end().await;
+                for (pod, s) in sessions.drain() {
+                    s.end(&rep, &pod).await;
                 }
                 if let Some(w) = &wrapped {
                     unwrap_on_exit(w, &cluster, &rep).await;
@@ -257,9 +288,9 @@ struct PodSession {
 
 impl PodSession {
     /// Stops the session (it closes its agent cleanly) and the log stream.
-    async fn end(self) {
+    async fn end(self, rep: &Reporter, pod: &str) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        joined(rep, &format!("the session of pod {pod}"), self.task.await);
         if let Some(l) = self.logs {
             l.abort();
         }
@@ -271,6 +302,7 @@ fn worse(a: Outcome, b: Outcome) -> Outcome {
         Outcome::InSync | Outcome::Stopped => 0,
         Outcome::PathErrors(_) => 1,
         Outcome::Unreachable => 2,
+        Outcome::Panicked => 3,
     };
     if rank(&b) > rank(&a) {
         b
@@ -288,6 +320,9 @@ async fn run_endpoint(
     mut shutdown: watch::Receiver<bool>,
     subscription: Option<(Watch, tokio::sync::mpsc::Receiver<crate::watch::Change>)>,
 ) -> Outcome {
+    if devloop_agent::fault::hit("session-panic") {
+        panic!("fault injected: session-panic");
+    }
     let (watcher, mut changes) = match (mode, subscription) {
         (Mode::Watch, Some((w, rx))) => (Some(w), Some(rx)),
         (Mode::Watch, None) => match Watch::new() {
@@ -390,7 +425,7 @@ async fn run_endpoint(
             let changes = changes.as_mut().expect("watch mode");
             match engine.live(&mut link, changes, &mut shutdown).await? {
                 LiveEnd::Shutdown => Ok(Outcome::Stopped),
-                LiveEnd::Lost(r) => Err(LinkError::Lost(r)),
+                LiveEnd::Lost(r) => Err(LinkError::Lost(r).into()),
             }
         }
         .await;
@@ -401,7 +436,25 @@ async fn run_endpoint(
                 process.stop(STOP_GRACE).await;
                 return outcome;
             }
-            Err(e) => {
+            Err(SyncError::Scan(e)) => {
+                // Nothing was sent or deleted; the agent is fine. Start over
+                // (a passing cause, such as a thread that could not start,
+                // clears up); in a one-shot sync the target is not in sync.
+                rep.send(Kind::Error {
+                    message: format!("cannot sync: {e}; nothing was sent or deleted"),
+                    hint: Some("devloop tries again; if this repeats, it is a bug in devloop: please report it".into()),
+                });
+                link.close();
+                drop(link);
+                process.stop(STOP_GRACE).await;
+                if mode == Mode::Once {
+                    return Outcome::PathErrors(1);
+                }
+                if backoff(&rep, &mut attempt, &mut shutdown).await {
+                    return Outcome::Stopped;
+                }
+            }
+            Err(SyncError::Link(e)) => {
                 rep.send(Kind::AgentLost { reason: error_chain(&e) });
                 drop(link);
                 if mode == Mode::Once {

@@ -82,7 +82,8 @@ pub struct Process {
 }
 
 enum ProcessKind {
-    Local(Child),
+    /// A child, and the task passing its stderr on as log lines.
+    Local(Child, tokio::task::JoinHandle<()>),
     /// The exec stream, and the tasks forwarding its output.
     Remote(kube::api::AttachedProcess, Vec<tokio::task::JoinHandle<()>>),
     /// An agent listening in a pod, reached through a port-forward.
@@ -113,9 +114,16 @@ impl Process {
     /// there.
     pub async fn stop(self, grace: Duration) {
         match self.kind {
-            ProcessKind::Local(mut child) => {
+            ProcessKind::Local(mut child, stderr) => {
                 if tokio::time::timeout(grace, child.wait()).await.is_err() {
                     let _ = child.kill().await;
+                }
+                // Its last lines, then no more: a process it left behind
+                // (`cmd &` in an exec target's shell) may hold its stderr
+                // open for as long as it lives.
+                let abort = stderr.abort_handle();
+                if tokio::time::timeout(Duration::from_millis(100), stderr).await.is_err() {
+                    abort.abort();
                 }
             }
             ProcessKind::Remote(mut p, forwarders) => {
@@ -198,7 +206,7 @@ async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporte
             .map_err(|source| TargetError::Token { command: shown.clone(), source })?;
     }
     let rep = rep.clone();
-    tokio::spawn(async move {
+    let stderr = tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             rep.send(Kind::AgentLog { line });
@@ -206,7 +214,7 @@ async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporte
     });
     Ok(Started {
         io: Box::new(tokio::io::join(stdout, stdin)),
-        process: Process { kind: ProcessKind::Local(child) },
+        process: Process { kind: ProcessKind::Local(child, stderr) },
         via: "stdio".into(),
     })
 }

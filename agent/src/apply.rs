@@ -13,10 +13,12 @@
 //! renamed into place, so a reader sees the old content or the new, never
 //! half of either.
 
-use devloop_agent::paths;
+use devloop_agent::paths::{self, WirePath};
 use devloop_agent::protocol::{PathError, TEMP_PREFIX};
 use devloop_agent::transport::BlockingStreamReader;
+use std::ffi::OsStr;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,7 +35,7 @@ pub enum Archive {
 
 /// One batch handed to the worker.
 pub struct Job {
-    pub deletes: Vec<String>,
+    pub deletes: Vec<WirePath>,
     pub archive: Option<Archive>,
     pub done: oneshot::Sender<Outcome>,
 }
@@ -89,14 +91,14 @@ pub fn start(root: PathBuf) -> Worker {
 }
 
 /// Applies one batch: deletions first, then the archive.
-pub fn apply(root: &Path, deletes: Vec<String>, archive: Option<Archive>) -> Outcome {
+pub fn apply(root: &Path, deletes: Vec<WirePath>, archive: Option<Archive>) -> Outcome {
     let t0 = Instant::now();
     let mut out = Outcome::default();
     if !deletes.is_empty() {
         reaper::remove_now();
     }
     for d in deletes {
-        match delete(root, &d) {
+        match delete(root, d.as_bytes()) {
             Ok(true) => out.deleted += 1,
             Ok(false) => {}
             Err(message) => out.errors.push(PathError { path: d, message }),
@@ -120,7 +122,7 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
     let entries = match ar.entries() {
         Ok(e) => e,
         Err(e) => {
-            out.errors.push(PathError { path: String::new(), message: format!("unreadable archive: {e}") });
+            out.errors.push(PathError { path: WirePath::default(), message: format!("unreadable archive: {e}") });
             return;
         }
     };
@@ -131,20 +133,21 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
             Err(e) => {
                 // The stream itself is broken: nothing after this point can
                 // be trusted to be framed correctly.
-                out.errors
-                    .push(PathError { path: String::new(), message: format!("archive is corrupt or truncated: {e}") });
+                out.errors.push(PathError {
+                    path: WirePath::default(),
+                    message: format!("archive is corrupt or truncated: {e}"),
+                });
                 return;
             }
         };
         let raw = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).into_owned();
         match apply_entry(root, &raw, &mut entry, &mut dirs_ok) {
             Ok(Some(bytes)) => {
                 out.written += 1;
                 out.bytes += bytes;
             }
             Ok(None) => out.written += 1,
-            Err(message) => out.errors.push(PathError { path: shown, message }),
+            Err(message) => out.errors.push(PathError { path: WirePath::new(raw), message }),
         }
     }
 }
@@ -156,7 +159,7 @@ fn apply_archive(root: &Path, reader: &mut impl Read, out: &mut Outcome) {
 /// set: from then on every parent is checked again, so a batch can never
 /// write through a symlink it put in place of a directory.
 #[derive(Default)]
-struct VerifiedDirs(std::collections::HashSet<String>);
+struct VerifiedDirs(std::collections::HashSet<Vec<u8>>);
 
 /// Applies one tar entry; returns the bytes written for a file.
 fn apply_entry<R: Read>(
@@ -167,14 +170,14 @@ fn apply_entry<R: Read>(
 ) -> Result<Option<u64>, String> {
     use tar::EntryType as T;
     let kind = entry.header().entry_type();
-    let mut path = std::str::from_utf8(raw).map_err(|_| "path is not valid UTF-8".to_string())?;
+    let mut path = raw;
     if kind == T::Directory {
-        path = path.strip_suffix('/').unwrap_or(path);
+        path = path.strip_suffix(b"/").unwrap_or(path);
     }
     let comps = paths::components(path).map_err(|e| e.to_string())?;
     let (name, parents) = comps.split_last().ok_or("empty path")?;
     let dir = ensure_dirs(root, parents, dirs_ok)?;
-    let target = dir.join(name);
+    let target = dir.join(OsStr::from_bytes(name));
     let mode = entry.header().mode().map_err(|e| format!("bad mode: {e}"))? & 0o777;
     if kind != T::Directory && dirs_ok.0.contains(path) {
         dirs_ok.0.clear();
@@ -212,15 +215,14 @@ fn apply_entry<R: Read>(
                 }
                 Err(_) => create()?,
             }
-            dirs_ok.0.insert(path.to_string());
+            dirs_ok.0.insert(path.to_vec());
             Ok(None)
         }
         T::Symlink => {
             let link = entry.link_name_bytes().ok_or("symlink without a target")?.into_owned();
-            let link = std::str::from_utf8(&link).map_err(|_| "symlink target is not valid UTF-8".to_string())?;
-            paths::check_link_target(path, link).map_err(|e| e.to_string())?;
+            paths::check_link_target(path, &link).map_err(|e| e.to_string())?;
             let tmp = temp_name(&dir);
-            std::os::unix::fs::symlink(link, &tmp).map_err(|e| e.to_string())?;
+            std::os::unix::fs::symlink(OsStr::from_bytes(&link), &tmp).map_err(|e| e.to_string())?;
             replace(&tmp, &target).map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 e.to_string()
@@ -235,26 +237,27 @@ fn apply_entry<R: Read>(
 
 /// Makes sure every parent exists as a real directory under the root;
 /// refuses to pass through a symlink or a file. Returns the last one.
-fn ensure_dirs(root: &Path, parents: &[&str], dirs_ok: &mut VerifiedDirs) -> Result<PathBuf, String> {
+fn ensure_dirs(root: &Path, parents: &[&[u8]], dirs_ok: &mut VerifiedDirs) -> Result<PathBuf, String> {
     let mut p = root.to_path_buf();
-    let mut wire = String::new();
+    let mut wire = Vec::new();
+    let shown = |i: usize| String::from_utf8_lossy(&parents[..=i].join(&b'/')).into_owned();
     for (i, c) in parents.iter().enumerate() {
-        p.push(c);
+        p.push(OsStr::from_bytes(c));
         if i > 0 {
-            wire.push('/');
+            wire.push(b'/');
         }
-        wire.push_str(c);
+        wire.extend_from_slice(c);
         if dirs_ok.0.contains(&wire) {
             continue;
         }
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!("parent `{}` is a symlink; refusing to write through it", parents[..=i].join("/")))
+                return Err(format!("parent `{}` is a symlink; refusing to write through it", shown(i)))
             }
-            Ok(_) => return Err(format!("parent `{}` is not a directory", parents[..=i].join("/"))),
+            Ok(_) => return Err(format!("parent `{}` is not a directory", shown(i))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir(&p).map_err(|e| format!("cannot create `{}`: {e}", parents[..=i].join("/")))?
+                std::fs::create_dir(&p).map_err(|e| format!("cannot create `{}`: {e}", shown(i)))?
             }
             Err(e) => return Err(e.to_string()),
         }
@@ -451,22 +454,23 @@ pub mod reaper {
 /// Deletes one path. A directory is removed only when empty: what is left in
 /// it belongs to someone else (excluded paths, files the app wrote).
 /// Returns whether something was removed.
-fn delete(root: &Path, wire: &str) -> Result<bool, String> {
+fn delete(root: &Path, wire: &[u8]) -> Result<bool, String> {
     let comps = paths::components(wire).map_err(|e| e.to_string())?;
     let (name, parents) = comps.split_last().ok_or("empty path")?;
     let mut p = root.to_path_buf();
     for (i, c) in parents.iter().enumerate() {
-        p.push(c);
+        p.push(OsStr::from_bytes(c));
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!("parent `{}` is a symlink; refusing to delete through it", parents[..=i].join("/")))
+                let shown = String::from_utf8_lossy(&parents[..=i].join(&b'/')).into_owned();
+                return Err(format!("parent `{shown}` is a symlink; refusing to delete through it"));
             }
             // Nothing can exist below a missing parent or a file.
             _ => return Ok(false),
         }
     }
-    p.push(name);
+    p.push(OsStr::from_bytes(name));
     match std::fs::symlink_metadata(&p) {
         Err(_) => Ok(false),
         Ok(m) if m.is_dir() => match std::fs::remove_dir(&p) {
@@ -488,10 +492,10 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("victim"), "keep").unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
-        assert!(delete(root.path(), "link/victim").is_err());
+        assert!(delete(root.path(), b"link/victim").is_err());
         assert!(outside.path().join("victim").exists());
         // Deleting the link itself removes the link, not its target.
-        assert_eq!(delete(root.path(), "link"), Ok(true));
+        assert_eq!(delete(root.path(), b"link"), Ok(true));
         assert!(outside.path().join("victim").exists());
     }
 
@@ -535,8 +539,8 @@ mod tests {
     fn delete_keeps_non_empty_directories() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("d/excluded")).unwrap();
-        assert_eq!(delete(root.path(), "d"), Ok(false));
+        assert_eq!(delete(root.path(), b"d"), Ok(false));
         assert!(root.path().join("d/excluded").exists());
-        assert_eq!(delete(root.path(), "missing/x"), Ok(false));
+        assert_eq!(delete(root.path(), b"missing/x"), Ok(false));
     }
 }

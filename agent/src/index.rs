@@ -2,9 +2,10 @@
 //! sides build one for the first sync of a session, so that only what differs
 //! travels, whatever the timestamps say.
 
-use crate::paths;
+use crate::paths::{self, WirePath};
 use crate::protocol::{Entry, EntryKind, TEMP_PREFIX};
 use std::io::{self, Read};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -12,19 +13,29 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Found {
     /// Wire path (relative to the root the walk's prefix is relative to).
-    pub path: String,
+    pub path: WirePath,
     pub abs: PathBuf,
     pub kind: EntryKind,
     pub size: u64,
     pub mode: u32,
-    pub link: Option<String>,
+    pub link: Option<WirePath>,
+    /// Device and inode, and the number of names the inode has: a file
+    /// with several names (hard links) changes under all of them when
+    /// written through one.
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u64,
 }
 
-/// Something the walk passed over, and why (unreadable directory,
-/// non-UTF-8 name, socket...).
+/// Something the walk could not read, and why (a directory it could not
+/// list, a file it could not stat or read). `wire` is its path when it is
+/// something the source may hold: what lies there is unknown, so it must
+/// never be taken for absent. A socket or device is left out on purpose
+/// and has none.
 #[derive(Debug, Clone)]
 pub struct Skipped {
     pub abs: PathBuf,
+    pub wire: Option<WirePath>,
     pub reason: String,
 }
 
@@ -32,7 +43,7 @@ pub struct Skipped {
 pub trait Visit {
     /// Return false to leave the path (and, for a directory, all below it)
     /// out of the walk.
-    fn keep(&mut self, wire: &str, is_dir: bool) -> bool;
+    fn keep(&mut self, wire: &WirePath, is_dir: bool) -> bool;
 
     /// Called with each directory's listing (`has(name)`) before any of its
     /// entries is visited: the CLI reads ignore files here, only where the
@@ -41,13 +52,13 @@ pub trait Visit {
 
     /// Whether to walk below a kept directory now (false: the caller walks
     /// it later, for instance on another thread).
-    fn descend(&mut self, _wire: &str) -> bool {
+    fn descend(&mut self, _wire: &WirePath) -> bool {
         true
     }
 }
 
-impl<F: FnMut(&str, bool) -> bool> Visit for F {
-    fn keep(&mut self, wire: &str, is_dir: bool) -> bool {
+impl<F: FnMut(&WirePath, bool) -> bool> Visit for F {
+    fn keep(&mut self, wire: &WirePath, is_dir: bool) -> bool {
         self(wire, is_dir)
     }
 }
@@ -62,10 +73,11 @@ pub struct WalkOptions {
 
 /// Walks `base` (whose wire path is `prefix`, "" for the root) without
 /// following symlinks, and appends every kept entry below it to `out`.
-/// A missing `base` is an empty tree.
+/// A missing `base` is an empty tree; one that cannot be listed is
+/// reported in `skipped` (with its wire path: its contents are unknown).
 pub fn walk(
     base: &Path,
-    prefix: &str,
+    prefix: &WirePath,
     visit: &mut dyn Visit,
     opts: WalkOptions,
     out: &mut Vec<Found>,
@@ -75,29 +87,37 @@ pub fn walk(
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return,
         Err(e) => {
-            skipped.push(Skipped { abs: base.to_path_buf(), reason: e.to_string() });
+            skipped.push(Skipped { abs: base.to_path_buf(), wire: Some(prefix.clone()), reason: e.to_string() });
             return;
         }
     };
-    let mut names: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| (e.file_name(), e)).collect();
+    let mut names = Vec::new();
+    for e in rd {
+        match e {
+            Ok(e) => names.push((e.file_name(), e)),
+            // The listing broke off part-way: what it did not list is
+            // unknown, so the whole directory is.
+            Err(err) => {
+                skipped.push(Skipped { abs: base.to_path_buf(), wire: Some(prefix.clone()), reason: err.to_string() });
+                return;
+            }
+        }
+    }
     // Sorted so that indexes and batches come out in a stable order.
     names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     visit.entered(base, &|n| names.iter().any(|(x, _)| x == n));
     for (name, de) in names {
         let abs = de.path();
-        let Some(name) = name.to_str() else {
-            skipped.push(Skipped { abs, reason: "name is not valid UTF-8".into() });
-            continue;
-        };
-        if let Some(rest) = name.strip_prefix(TEMP_PREFIX) {
-            if opts.clean_stale_temps && !rest.starts_with(&format!("{}-", std::process::id())) {
+        let name = name.as_bytes();
+        if let Some(rest) = name.strip_prefix(TEMP_PREFIX.as_bytes()) {
+            if opts.clean_stale_temps && !rest.starts_with(format!("{}-", std::process::id()).as_bytes()) {
                 let _ = std::fs::remove_file(&abs);
             }
             continue;
         }
-        let wire = paths::join_wire(prefix, name);
-        if paths::components(&wire).is_err() {
-            skipped.push(Skipped { abs, reason: "path too long".into() });
+        let wire = prefix.join(name);
+        if paths::components(wire.as_bytes()).is_err() {
+            skipped.push(Skipped { abs, wire: None, reason: "path too long".into() });
             continue;
         }
         // Relative to the open directory, and not following a symlink.
@@ -105,38 +125,49 @@ pub fn walk(
             Ok(m) => m,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
-                    skipped.push(Skipped { abs, reason: e.to_string() });
+                    skipped.push(Skipped { abs, wire: Some(wire), reason: e.to_string() });
                 }
                 continue;
             }
         };
         let ft = md.file_type();
         let mode = md.permissions().mode() & 0o777;
+        let found = |kind, size, link| Found {
+            path: wire.clone(),
+            abs: abs.clone(),
+            kind,
+            size,
+            mode,
+            link,
+            dev: md.dev(),
+            ino: md.ino(),
+            nlink: md.nlink(),
+        };
         if ft.is_dir() {
             if !visit.keep(&wire, true) {
                 continue;
             }
-            out.push(Found { path: wire.clone(), abs: abs.clone(), kind: EntryKind::Dir, size: 0, mode, link: None });
+            out.push(found(EntryKind::Dir, 0, None));
             if visit.descend(&wire) {
                 walk(&abs, &wire, visit, opts, out, skipped);
             }
         } else if ft.is_file() {
             if visit.keep(&wire, false) {
-                out.push(Found { path: wire, abs, kind: EntryKind::File, size: md.size(), mode, link: None });
+                out.push(found(EntryKind::File, md.size(), None));
             }
         } else if ft.is_symlink() {
             if !visit.keep(&wire, false) {
                 continue;
             }
-            match std::fs::read_link(&abs).map(|t| t.to_str().map(str::to_owned)) {
-                Ok(Some(t)) => {
-                    out.push(Found { path: wire, abs, kind: EntryKind::Symlink, size: 0, mode: 0o777, link: Some(t) })
+            match std::fs::read_link(&abs) {
+                Ok(t) => {
+                    let link = WirePath::new(t.into_os_string().into_vec());
+                    out.push(Found { mode: 0o777, ..found(EntryKind::Symlink, 0, Some(link)) })
                 }
-                Ok(None) => skipped.push(Skipped { abs, reason: "symlink target is not valid UTF-8".into() }),
-                Err(e) => skipped.push(Skipped { abs, reason: e.to_string() }),
+                Err(e) => skipped.push(Skipped { abs, wire: Some(wire), reason: e.to_string() }),
             }
         } else {
-            skipped.push(Skipped { abs, reason: "not a regular file, directory or symlink".into() });
+            skipped.push(Skipped { abs, wire: None, reason: "not a regular file, directory or symlink".into() });
         }
     }
 }
@@ -163,29 +194,45 @@ pub fn hash_bytes(b: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(b)
 }
 
+/// The scan itself failed (a hashing thread panicked): nothing it
+/// produced may be taken as the state of the tree.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the scan failed: {0}")]
+pub struct ScanFailed(pub String);
+
 /// Hashes every file in `found` (on all cores) and returns index entries in
-/// the same order. Files that vanish or cannot be read are dropped and
-/// reported in `skipped`: they will be seen again by the next event or sync.
-pub fn hash_all(found: Vec<Found>, skipped: &mut Vec<Skipped>) -> Vec<(Found, Entry)> {
+/// the same order. Files that vanish, change while being read or cannot be
+/// read are left out and reported in `skipped`, with their wire path: they
+/// are unknown, never absent.
+pub fn hash_all(found: Vec<Found>, skipped: &mut Vec<Skipped>) -> Result<Vec<(Found, Entry)>, ScanFailed> {
     hash_unless(found, skipped, &|_| false)
 }
 
 /// [`hash_all`], except that files for which `skip` holds (asked when the
 /// file's turn comes) are not read: their entries carry hash 0. For
 /// callers that learn, while hashing, which files cannot be equal anyway.
+///
+/// A helper thread that cannot be started costs speed (its share is hashed
+/// here); one that panics fails the whole call, so that a broken scan can
+/// never pass for a tree that lacks the files it did not get to.
 pub fn hash_unless(
     found: Vec<Found>,
     skipped: &mut Vec<Skipped>,
     skip: &(dyn Fn(&Found) -> bool + Sync),
-) -> Vec<(Found, Entry)> {
+) -> Result<Vec<(Found, Entry)>, ScanFailed> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let total_bytes: u64 = found.iter().map(|f| f.size).sum();
     let hash_one = |f: Found| -> Result<(Found, Entry), Skipped> {
+        if crate::fault::hit("hash-panic") {
+            panic!("fault injected: hash-panic");
+        }
         let hash = if f.kind == EntryKind::File && !skip(&f) {
             match hash_file(&f.abs) {
                 Ok((h, len)) if len == f.size => h,
-                Ok(_) => return Err(Skipped { abs: f.abs, reason: "changed while being read".into() }),
-                Err(e) => return Err(Skipped { abs: f.abs, reason: e.to_string() }),
+                Ok(_) => {
+                    return Err(Skipped { abs: f.abs, wire: Some(f.path), reason: "changed while being read".into() })
+                }
+                Err(e) => return Err(Skipped { abs: f.abs, wire: Some(f.path), reason: e.to_string() }),
             }
         } else {
             0
@@ -203,19 +250,44 @@ pub fn hash_unless(
             parts[i % threads].push((i, f));
         }
         let mut slots: Vec<Option<Result<(Found, Entry), Skipped>>> = (0..n).map(|_| None).collect();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .map(|part| s.spawn(move || part.into_iter().map(|(i, f)| (i, hash_one(f))).collect::<Vec<_>>()))
-                .collect();
-            for h in handles {
-                // A hashing thread only panics if hash_one panics, which it
-                // does not; propagate if it ever does.
-                for (i, r) in h.join().expect("hash thread") {
-                    slots[i] = Some(r);
+        // Each part is taken by whoever gets to it first: its own thread,
+        // or this one when that thread could not be started.
+        type Part = std::sync::Mutex<Option<Vec<(usize, Found)>>>;
+        let parts: Vec<Part> = parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
+        let take = |k: usize| parts[k].lock().unwrap_or_else(|e| e.into_inner()).take();
+        let work = |k: usize| take(k).into_iter().flatten().map(|(i, f)| (i, hash_one(f))).collect::<Vec<_>>();
+        let failed = std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for k in 1..parts.len() {
+                let spawned = match crate::fault::hit("spawn-fail") {
+                    true => Err(std::io::Error::other("fault injected: spawn-fail")),
+                    false => std::thread::Builder::new().name("hash".into()).spawn_scoped(s, move || work(k)),
+                };
+                if let Ok(h) = spawned {
+                    handles.push(h);
                 }
             }
+            let mut failed = None;
+            for k in 0..parts.len() {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(k))) {
+                    Ok(done) => done.into_iter().for_each(|(i, r)| slots[i] = Some(r)),
+                    Err(p) => failed = Some(panic_message(&*p)),
+                }
+            }
+            for h in handles {
+                match h.join() {
+                    Ok(done) => done.into_iter().for_each(|(i, r)| slots[i] = Some(r)),
+                    Err(p) => failed = Some(panic_message(&*p)),
+                }
+            }
+            failed
         });
+        if let Some(m) = failed {
+            return Err(ScanFailed(format!("a hashing thread panicked: {m}")));
+        }
+        if slots.iter().any(Option::is_none) {
+            return Err(ScanFailed("a hashing thread left files unhashed".into()));
+        }
         slots.into_iter().flatten().collect()
     };
     let mut out = Vec::with_capacity(results.len());
@@ -225,7 +297,15 @@ pub fn hash_unless(
             Err(s) => skipped.push(s),
         }
     }
-    out
+    Ok(out)
+}
+
+/// The message of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 #[cfg(test)]
@@ -242,8 +322,16 @@ mod tests {
         std::fs::write(d.path().join(".devloop-tmp-1-1"), "stale").unwrap();
         let mut out = vec![];
         let mut sk = vec![];
-        walk(d.path(), "", &mut |_: &str, _: bool| true, WalkOptions { clean_stale_temps: true }, &mut out, &mut sk);
-        let paths: Vec<_> = out.iter().map(|f| (f.path.as_str(), f.kind)).collect();
+        let root = WirePath::default();
+        walk(
+            d.path(),
+            &root,
+            &mut |_: &WirePath, _: bool| true,
+            WalkOptions { clean_stale_temps: true },
+            &mut out,
+            &mut sk,
+        );
+        let paths: Vec<_> = out.iter().map(|f| (f.path.to_str().unwrap(), f.kind)).collect();
         assert_eq!(
             paths,
             vec![
@@ -255,8 +343,27 @@ mod tests {
             ]
         );
         assert!(!d.path().join(".devloop-tmp-1-1").exists(), "stale temp removed");
-        let hashed = hash_all(out, &mut sk);
+        let hashed = hash_all(out, &mut sk).unwrap();
         assert_eq!(hashed[2].1.hash, hash_bytes(b"hello"));
-        assert_eq!(hashed[3].1.link.as_deref(), Some("top"));
+        assert_eq!(hashed[3].1.link, Some(WirePath::from("top")));
+    }
+
+    /// A file whose size changed between the walk and the read is not
+    /// dropped quietly: it comes back as skipped with its wire path, so the
+    /// caller knows it is unknown (not absent).
+    #[test]
+    fn a_file_that_changed_while_read_is_unknown_not_absent() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("grew"), "longer now").unwrap();
+        let mut found = vec![];
+        let mut sk = vec![];
+        let root = WirePath::default();
+        walk(d.path(), &root, &mut |_: &WirePath, _: bool| true, WalkOptions::default(), &mut found, &mut sk);
+        found[0].size = 3;
+        let hashed = hash_all(found, &mut sk).unwrap();
+        assert!(hashed.is_empty());
+        assert_eq!(sk.len(), 1);
+        assert_eq!(sk[0].wire, Some(WirePath::from("grew")));
+        assert!(sk[0].reason.contains("changed while being read"), "{}", sk[0].reason);
     }
 }

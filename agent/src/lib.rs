@@ -3,6 +3,7 @@
 //!
 //! - [`protocol`]: the frames and control messages (the wire format itself).
 //! - [`paths`]: which paths may cross the wire; both sides enforce them.
+//! - [`fault`]: fault injection for tests (debug builds only).
 //! - [`index`]: the content index (path, kind, size, mode, hash) both sides
 //!   build for the first sync of a session.
 //! - [`transport`] (feature `transport`): one authenticated WebSocket over any
@@ -12,6 +13,7 @@
 //! The agent's runtime (`server`, `apply`, `run`) lives in the binary, behind
 //! the default `agent` feature, which the CLI turns off.
 
+pub mod fault;
 pub mod index;
 pub mod paths;
 pub mod protocol;

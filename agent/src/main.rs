@@ -115,6 +115,7 @@ fn proc_root(p: &std::path::Path) -> bool {
 }
 
 fn main() -> ExitCode {
+    devloop_agent::fault::set_scope("agent");
     let args = match parse(std::env::args().skip(1)) {
         Ok(Some(a)) => a,
         Ok(None) => {

@@ -21,10 +21,12 @@
 //! (`Sec-WebSocket-Protocol: devloop.v<N>`), so mismatched peers fail before
 //! any frame is exchanged, with a message that names both versions.
 
+use crate::paths::WirePath;
 use serde::{Deserialize, Serialize};
 
 /// Bump on any incompatible change to [`Control`] or the frame layout.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// v3: paths are bytes ([`WirePath`]: a string, or `{"hex": ...}`).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Environment variable that carries the session token to the agent.
 pub const TOKEN_ENV: &str = "DEVLOOP_AGENT_TOKEN";
 /// HTTP header on the upgrade request that carries the agent's version back.
@@ -185,11 +187,11 @@ pub enum Control {
     // ---- CLI -> agent ----
     /// Index the trees under these root-relative directories ("" = root),
     /// not descending into `prune`.
-    IndexRequest { id: u64, under: Vec<String>, prune: Vec<String> },
+    IndexRequest { id: u64, under: Vec<WirePath>, prune: Vec<WirePath> },
     /// Apply a batch: `deletes` first (in order), then the tar archive sent
     /// on `stream` (if any), then run `commands`, then restart the app when
     /// `restart` is set.
-    Batch { id: u64, deletes: Vec<String>, stream: Option<u32>, commands: Vec<CommandSpec>, restart: bool },
+    Batch { id: u64, deletes: Vec<WirePath>, stream: Option<u32>, commands: Vec<CommandSpec>, restart: bool },
     /// Configure (and start, or restart when changed) the app process.
     AppConfigure { app: Option<AppSpec> },
 
@@ -203,7 +205,7 @@ pub enum Control {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Root-relative, `/`-separated.
-    pub path: String,
+    pub path: WirePath,
     pub kind: EntryKind,
     /// File size in bytes; 0 for directories and symlinks.
     pub size: u64,
@@ -213,7 +215,7 @@ pub struct Entry {
     pub hash: u64,
     /// Symlink target, as stored in the link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link: Option<String>,
+    pub link: Option<WirePath>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,7 +229,7 @@ pub enum EntryKind {
 /// A path the agent could not apply, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PathError {
-    pub path: String,
+    pub path: WirePath,
     pub message: String,
 }
 

@@ -22,7 +22,7 @@ fn command(root: &Path, spec: &CommandSpec) -> Result<Command, String> {
     let dir = if spec.workdir.is_empty() {
         root.to_path_buf()
     } else {
-        paths::join(root, &spec.workdir).map_err(|e| format!("workdir `{}`: {e}", spec.workdir))?
+        paths::join(root, spec.workdir.as_bytes()).map_err(|e| format!("workdir `{}`: {e}", spec.workdir))?
     };
     let mut cmd = match (&spec.shell, spec.argv.split_first()) {
         (Some(sh), _) => {
@@ -143,10 +143,40 @@ impl AppHandle {
     }
 }
 
+/// The process group of an app the agent started: the leader's pid,
+/// known to be a real process of ours (never 0, which would mean "my own
+/// group" to kill(2), nor 1). Only [`Pgid::of`] makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pgid(libc::pid_t);
+
+impl Pgid {
+    /// The group of a child started with `process_group(0)` (its pid is
+    /// its group id), if its pid is known and is one the agent may signal.
+    pub fn of(pid: Option<u32>) -> Option<Pgid> {
+        let pid = libc::pid_t::try_from(pid?).ok()?;
+        (pid > 1).then_some(Pgid(pid))
+    }
+
+    /// Signals every process of the group. Callers keep the leader
+    /// unreaped until their last signal (see [`launch`]): a zombie leader
+    /// holds its pid, so the group id cannot have passed to anyone else.
+    fn signal(self, sig: libc::c_int) {
+        // SAFETY: kill(2) has no memory effects; the group id is > 1, so
+        // this never means "my own group" (0) or "every process" (-1).
+        unsafe { libc::kill(-self.0, sig) };
+    }
+}
+
 struct Running {
-    pid: u32,
+    pgid: Option<Pgid>,
     generation: u64,
+    /// The leader exited by itself (reported); its group may live on.
+    leader_gone: bool,
+    /// Fires when the leader has exited (it is then a zombie, not reaped).
     exited: oneshot::Receiver<()>,
+    /// Dropped when nothing will signal the group any more: the leader
+    /// is then reaped.
+    _release: oneshot::Sender<()>,
 }
 
 /// Starts the manager task for the app under `root`.
@@ -164,7 +194,7 @@ pub fn start_app_manager(root: PathBuf) -> AppHandle {
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 AppCmd::Configure(new) => {
-                    if new == spec && running.is_some() {
+                    if new == spec && running.as_ref().is_some_and(|r| !r.leader_gone) {
                         continue;
                     }
                     stop(running.take(), spec.as_ref(), &emit).await;
@@ -182,8 +212,11 @@ pub fn start_app_manager(root: PathBuf) -> AppHandle {
                     }
                 }
                 AppCmd::Exited { generation: g, code } => {
-                    if running.as_ref().is_some_and(|r| r.generation == g) {
-                        running = None;
+                    // Kept (its leader unreaped) until the next restart or
+                    // shutdown: what the app left running in its group is
+                    // stopped then, as a restart promises.
+                    if let Some(r) = running.as_mut().filter(|r| r.generation == g) {
+                        r.leader_gone = true;
                         emit(Control::App { state: AppState::Exited { code } });
                     }
                 }
@@ -216,15 +249,23 @@ fn launch(
             return None;
         }
     };
-    let pid = child.id().unwrap_or(0);
-    emit(Control::App { state: AppState::Started { pid } });
+    let pid = child.id();
+    let pgid = Pgid::of(pid);
+    emit(Control::App { state: AppState::Started { pid: pid.unwrap_or(0) } });
     let e1 = emit.clone();
     let e2 = emit.clone();
     let out = child.stdout.take().map(|o| pump(o, OutputSource::App, StdStream::Stdout, e1));
     let err = child.stderr.take().map(|o| pump(o, OutputSource::App, StdStream::Stderr, e2));
     let (done_tx, done_rx) = oneshot::channel();
+    let (release, released) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let code = child.wait().await.ok().and_then(|s| s.code());
+        // Wait for the leader to exit without reaping it: until it is
+        // reaped its pid cannot be reused, so signals to its group still
+        // reach only what the app started.
+        let code = match pid {
+            Some(pid) => tokio::task::spawn_blocking(move || exit_code_unreaped(pid)).await.ok().flatten(),
+            None => None,
+        };
         for h in [out, err].into_iter().flatten() {
             // Output after the leader exits may come from the rest of the
             // group; give it a moment, then move on.
@@ -232,21 +273,70 @@ fn launch(
         }
         let _ = done_tx.send(());
         let _ = back.send(AppCmd::Exited { generation, code });
+        // Reaped once no signal to the group can follow.
+        let _ = released.await;
+        let _ = child.wait().await;
     });
-    Some(Running { pid, generation, exited: done_rx })
+    Some(Running { pgid, generation, leader_gone: false, exited: done_rx, _release: release })
+}
+
+/// Blocks until process `pid` (a child) has exited, and returns its exit
+/// code, leaving it unreaped (`WNOWAIT`).
+fn exit_code_unreaped(pid: u32) -> Option<i32> {
+    loop {
+        // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`, which outlives the call.
+        let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 {
+            // SAFETY: after a successful waitid with WEXITED, si_code and
+            // si_status describe the child's exit.
+            let (code, status) = (info.si_code, unsafe { info.si_status() });
+            return (code == libc::CLD_EXITED).then_some(status);
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return None;
+        }
+    }
 }
 
 async fn stop(running: Option<Running>, spec: Option<&AppSpec>, emit: &impl Fn(Control)) {
     let Some(mut r) = running else { return };
     let grace = Duration::from_millis(spec.map_or(2000, |s| s.grace_ms));
-    let pg = -(r.pid as i32);
-    // SAFETY: kill(2) with a process-group id has no memory effects.
-    unsafe { libc::kill(pg, libc::SIGTERM) };
-    if tokio::time::timeout(grace, &mut r.exited).await.is_err() {
-        unsafe { libc::kill(pg, libc::SIGKILL) };
-        let _ = r.exited.await;
+    if let Some(pg) = r.pgid {
+        pg.signal(libc::SIGTERM);
+        if tokio::time::timeout(grace, &mut r.exited).await.is_err() {
+            pg.signal(libc::SIGKILL);
+            let _ = (&mut r.exited).await;
+        }
+        // Stragglers of the group that ignored SIGTERM. The leader is a
+        // zombie now, not reaped: the group id is still the app's.
+        pg.signal(libc::SIGKILL);
+    } else {
+        // No group it may signal (its pid was never known): wait for it
+        // to end by itself, a while.
+        let _ = tokio::time::timeout(grace, &mut r.exited).await;
     }
-    // Stragglers of the group that ignored SIGTERM.
-    unsafe { libc::kill(pg, libc::SIGKILL) };
-    emit(Control::App { state: AppState::Stopped });
+    let report = !r.leader_gone;
+    // Dropping `r` lets the leader be reaped.
+    drop(r);
+    if report {
+        emit(Control::App { state: AppState::Stopped });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Group 0 is the agent's own group to kill(2), and 1 is init (and
+    /// -1 would be everyone): none of them is ever an app's group.
+    #[test]
+    fn only_a_started_process_is_a_group_to_signal() {
+        assert_eq!(Pgid::of(None), None);
+        assert_eq!(Pgid::of(Some(0)), None);
+        assert_eq!(Pgid::of(Some(1)), None);
+        assert_eq!(Pgid::of(Some(u32::MAX)), None, "does not wrap to a negative pid");
+        assert_eq!(Pgid::of(Some(4242)), Some(Pgid(4242)));
+    }
 }

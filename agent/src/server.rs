@@ -7,9 +7,10 @@
 
 use crate::{apply, run};
 use devloop_agent::index::{self, WalkOptions};
-use devloop_agent::protocol::{self, CommandSpec, Control, ErrorCode, PROTOCOL_VERSION};
+use devloop_agent::paths::{self, WirePath};
+use devloop_agent::protocol::{self, CommandSpec, Control, ErrorCode, PROTOCOL_VERSION, STREAM_WINDOW};
 use devloop_agent::transport::{self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound};
-use devloop_agent::{paths, VERSION};
+use devloop_agent::VERSION;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -216,26 +217,42 @@ where
                     break End::Protocol(m);
                 };
                 let last = bytes.is_empty();
-                match state {
-                    StreamIn::Buffer(buf) if !last && buf.len() + bytes.len() > INLINE_MAX => {
+                // The window binds: what the client may have in flight is
+                // one window beyond what this side has granted. Past that
+                // it is cut off, so what the agent holds for a stream stays
+                // bounded whatever a client sends.
+                state.received += bytes.len() as u64;
+                let granted = state.granted.as_ref().map_or(0, |g| g.load(std::sync::atomic::Ordering::Relaxed));
+                if state.received > granted + STREAM_WINDOW as u64 {
+                    let m = format!(
+                        "stream {stream}: the client sent {} bytes with {} granted; it must wait for credit",
+                        state.received,
+                        granted + STREAM_WINDOW as u64
+                    );
+                    fatal(&out, &m);
+                    break End::Protocol(m);
+                }
+                match &mut state.data {
+                    StreamData::Buffer(buf) if !last && buf.len() + bytes.len() > INLINE_MAX => {
                         // Too big to hold: stream it to the apply thread.
-                        let (reader, tx) = BlockingStreamReader::new(stream, out.clone());
+                        let (reader, tx, granted) = BlockingStreamReader::new(stream, out.clone());
                         let _ = tx.send(std::mem::take(buf));
                         let _ = tx.send(bytes);
                         if let Some(q) = queued.iter_mut().find(|q| q.stream == Some(stream)) {
                             q.archive = Some(apply::Archive::Stream(reader));
                         }
-                        *state = StreamIn::Pipe(tx);
+                        state.data = StreamData::Pipe(tx);
+                        state.granted = Some(granted);
                     }
-                    StreamIn::Buffer(buf) if !last => buf.extend_from_slice(&bytes),
-                    StreamIn::Buffer(buf) => {
+                    StreamData::Buffer(buf) if !last => buf.extend_from_slice(&bytes),
+                    StreamData::Buffer(buf) => {
                         let bytes = std::mem::take(buf);
                         if let Some(q) = queued.iter_mut().find(|q| q.stream == Some(stream)) {
                             q.archive = Some(apply::Archive::Buffered(bytes));
                         }
                         streams.remove(&stream);
                     }
-                    StreamIn::Pipe(tx) => {
+                    StreamData::Pipe(tx) => {
                         let _ = tx.send(bytes);
                         if last {
                             streams.remove(&stream);
@@ -250,6 +267,11 @@ where
             Incoming::Batch { control: Control::Batch { id, deletes, stream: None, commands, restart }, archive } => {
                 if archive.len() > protocol::CHUNK_SIZE {
                     let m = format!("batch {id} came with an archive of {} bytes in one message; larger than {} bytes must be streamed", archive.len(), protocol::CHUNK_SIZE);
+                    fatal(&out, &m);
+                    break End::Protocol(m);
+                }
+                if queued.len() >= MAX_QUEUED_BATCHES {
+                    let m = too_many_batches(id);
                     fatal(&out, &m);
                     break End::Protocol(m);
                 }
@@ -270,13 +292,18 @@ where
                     tokio::spawn(send_index(shared.root.clone(), id, under, prune, out.clone()));
                 }
                 Control::Batch { id, deletes, stream, commands, restart } => {
+                    if queued.len() >= MAX_QUEUED_BATCHES {
+                        let m = too_many_batches(id);
+                        fatal(&out, &m);
+                        break End::Protocol(m);
+                    }
                     if let Some(s) = stream {
                         if streams.contains_key(&s) {
                             let m = format!("batch {id} reuses stream {s}, which is still open");
                             fatal(&out, &m);
                             break End::Protocol(m);
                         }
-                        streams.insert(s, StreamIn::Buffer(Vec::new()));
+                        streams.insert(s, StreamIn::default());
                     }
                     let result = queue_batch(&mut queued, stream, deletes, None);
                     if !dispatch(&mut queued, &shared) {
@@ -311,7 +338,7 @@ where
 fn queue_batch(
     queued: &mut VecDeque<Queued>,
     stream: Option<u32>,
-    deletes: Vec<String>,
+    deletes: Vec<WirePath>,
     archive: Option<apply::Archive>,
 ) -> tokio::sync::oneshot::Receiver<apply::Outcome> {
     let (done, result) = tokio::sync::oneshot::channel();
@@ -351,15 +378,36 @@ fn acknowledge(
 const INLINE_MAX: usize = 1 << 20;
 
 /// The receiving state of one stream.
-enum StreamIn {
+#[derive(Default)]
+struct StreamIn {
+    data: StreamData,
+    /// Bytes received on it so far.
+    received: u64,
+    /// Credit its reader has granted beyond the first window (none while
+    /// it is buffered here: a buffer is at most [`INLINE_MAX`]).
+    granted: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+enum StreamData {
     Buffer(Vec<u8>),
     Pipe(mpsc::UnboundedSender<Vec<u8>>),
 }
 
+impl Default for StreamData {
+    fn default() -> StreamData {
+        StreamData::Buffer(Vec::new())
+    }
+}
+
+/// Batches a session may have announced and not yet had applied. devloop
+/// sends one at a time (it awaits each acknowledgement); a client that
+/// piles up more is cut off, so what it makes the agent hold is bounded.
+const MAX_QUEUED_BATCHES: usize = 16;
+
 /// A batch waiting for its archive or for its turn.
 struct Queued {
     stream: Option<u32>,
-    deletes: Vec<String>,
+    deletes: Vec<WirePath>,
     archive: Option<apply::Archive>,
     done: tokio::sync::oneshot::Sender<apply::Outcome>,
 }
@@ -392,6 +440,12 @@ fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
     true
 }
 
+fn too_many_batches(id: u64) -> String {
+    format!(
+        "batch {id}: more than {MAX_QUEUED_BATCHES} batches announced and not yet applied; wait for acknowledgements"
+    )
+}
+
 fn fatal(out: &Outbound, message: &str) {
     let _ = out.control(Control::Error {
         code: ErrorCode::Protocol,
@@ -411,37 +465,44 @@ fn kind_of(c: &Control) -> String {
 
 /// Walks and hashes the requested trees and sends the index in parts small
 /// enough to interleave with other traffic.
-async fn send_index(root: PathBuf, id: u64, under: Vec<String>, prune: Vec<String>, out: Outbound) {
+async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<WirePath>, out: Outbound) {
+    let refuse = |message: String| {
+        let _ = out.control(Control::Error { code: ErrorCode::Request, message, fatal: false, request: Some(id) });
+        let _ = out.control(Control::IndexPart { id, entries: vec![], done: true });
+    };
     for u in under.iter().chain(prune.iter()) {
         if !u.is_empty() {
-            if let Err(e) = paths::components(u) {
-                let _ = out.control(Control::Error {
-                    code: ErrorCode::Request,
-                    message: format!("index of `{u}`: {e}"),
-                    fatal: false,
-                    request: Some(id),
-                });
-                let _ = out.control(Control::IndexPart { id, entries: vec![], done: true });
-                return;
+            if let Err(e) = paths::components(u.as_bytes()) {
+                return refuse(format!("index of `{u}`: {e}"));
             }
         }
     }
-    let entries = tokio::task::spawn_blocking(move || {
+    let walked = tokio::task::spawn_blocking(move || {
         let mut found = Vec::new();
         let mut skipped = Vec::new();
-        let mut keep = |wire: &str, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
+        let mut keep = |wire: &WirePath, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
         for u in &under {
             // A base that is a symlink is not followed (invariant 1).
-            let base = if u.is_empty() { root.clone() } else { paths::join(&root, u).unwrap_or_else(|_| root.clone()) };
+            let base = if u.is_empty() {
+                root.clone()
+            } else {
+                paths::join(&root, u.as_bytes()).unwrap_or_else(|_| root.clone())
+            };
             if !u.is_empty() && std::fs::symlink_metadata(&base).map(|m| !m.is_dir()).unwrap_or(true) {
                 continue;
             }
             index::walk(&base, u, &mut keep, WalkOptions { clean_stale_temps: true }, &mut found, &mut skipped);
         }
-        index::hash_all(found, &mut skipped).into_iter().map(|(_, e)| e).collect::<Vec<_>>()
+        index::hash_all(found, &mut skipped).map(|h| h.into_iter().map(|(_, e)| e).collect::<Vec<_>>())
     })
-    .await
-    .unwrap_or_default();
+    .await;
+    let entries = match walked {
+        Ok(Ok(e)) => e,
+        // A failed walk is not an empty tree: the CLI would send everything
+        // again, and believe it knew what is here.
+        Ok(Err(e)) => return refuse(format!("index failed: {e}")),
+        Err(e) => return refuse(format!("index failed: {e}")),
+    };
     // ~256 KiB of JSON per part.
     let mut part = Vec::new();
     let mut size = 0;

@@ -386,10 +386,30 @@ where
                 return;
             }
         };
+        // (A dead peer reads nothing: no point waiting for it.)
+        let we_closed = matches!(end, End::Protocol(_));
         let _ = in_tx.send(Incoming::Ended(end)).await;
+        if we_closed {
+            // Our close frame says why. Closing the socket with the peer's
+            // data still unread would reset the connection, and the peer
+            // would never read it: read on (discarding) until the peer
+            // closes too, or a moment has passed.
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
     });
     (out, in_rx)
 }
+
+/// How long a side that closed for a protocol error keeps reading, so the
+/// peer gets its close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// What one queued item becomes on the wire; `Err` means close and stop.
 fn to_messages(o: Out) -> Result<Vec<Message>, CloseFrame> {
@@ -564,6 +584,9 @@ pub struct BlockingStreamReader {
     stream: u32,
     rx: mpsc::UnboundedReceiver<Vec<u8>>,
     out: Outbound,
+    /// Credit granted to the sender so far (beyond the first window): the
+    /// session task checks the sender against it.
+    granted: Arc<std::sync::atomic::AtomicU64>,
     cur: Vec<u8>,
     pos: usize,
     unacked: u32,
@@ -571,11 +594,28 @@ pub struct BlockingStreamReader {
 }
 
 impl BlockingStreamReader {
-    /// Returns the reader and the sender the session task feeds with the
-    /// stream's chunks (an empty chunk marks the end).
-    pub fn new(stream: u32, out: Outbound) -> (BlockingStreamReader, mpsc::UnboundedSender<Vec<u8>>) {
+    /// Returns the reader, the sender the session task feeds with the
+    /// stream's chunks (an empty chunk marks the end), and the credit the
+    /// reader has granted so far. The channel is unbounded only because
+    /// the feeder enforces the window: it refuses a sender that has more
+    /// than [`STREAM_WINDOW`] beyond `granted` in flight.
+    pub fn new(
+        stream: u32,
+        out: Outbound,
+    ) -> (BlockingStreamReader, mpsc::UnboundedSender<Vec<u8>>, Arc<std::sync::atomic::AtomicU64>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (BlockingStreamReader { stream, rx, out, cur: Vec::new(), pos: 0, unacked: 0, done: false }, tx)
+        let granted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let r = BlockingStreamReader {
+            stream,
+            rx,
+            out,
+            granted: granted.clone(),
+            cur: Vec::new(),
+            pos: 0,
+            unacked: 0,
+            done: false,
+        };
+        (r, tx, granted)
     }
 
     /// Reads and discards the rest of the stream (so credit keeps flowing
@@ -603,6 +643,7 @@ impl std::io::Read for BlockingStreamReader {
                     // so the sender rarely waits.
                     self.unacked += c.len() as u32;
                     if self.unacked >= STREAM_WINDOW / 4 {
+                        self.granted.fetch_add(self.unacked as u64, std::sync::atomic::Ordering::Relaxed);
                         let _ = self.out.control(Control::Credit { stream: self.stream, bytes: self.unacked });
                         self.unacked = 0;
                     }

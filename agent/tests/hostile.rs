@@ -3,6 +3,7 @@
 //! deleted or followed (invariant 1); bad sessions get a clear error and are
 //! closed; the agent keeps serving other sessions.
 
+use devloop_agent::paths::WirePath;
 use devloop_agent::protocol::{Control, Frame};
 use devloop_agent::transport::{self, ConnectError, Heartbeat, Incoming};
 use futures_util::{SinkExt, StreamExt};
@@ -18,6 +19,8 @@ const TOKEN: &str = "s3cret-token-for-tests";
 struct Agent {
     child: Child,
     port: u16,
+    /// What the agent printed on stderr so far.
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
     _dir: tempfile::TempDir,
     root: PathBuf,
     outside: PathBuf,
@@ -44,18 +47,27 @@ fn start_agent(heartbeat_ms: Option<u64>) -> Agent {
         .arg(&root)
         .env("DEVLOOP_AGENT_TOKEN", TOKEN)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     if let Some(ms) = heartbeat_ms {
         cmd.env("DEVLOOP_HEARTBEAT_MS", ms.to_string());
     }
     let mut child = cmd.spawn().unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (log, pipe) = (stderr.clone(), child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let mut log = log.lock().unwrap();
+            log.push_str(&l);
+            log.push('\n');
+        }
+    });
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     // "devloop-agent X protocol N listening on 127.0.0.1:PORT root DIR"
     let addr =
         line.split_whitespace().skip_while(|w| *w != "on").nth(1).unwrap_or_else(|| panic!("readiness line: {line}"));
     let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-    Agent { child, port, _dir: dir, root, outside }
+    Agent { child, port, stderr, _dir: dir, root, outside }
 }
 
 async fn session(a: &Agent) -> (transport::Outbound, tokio::sync::mpsc::Receiver<Incoming>) {
@@ -111,7 +123,7 @@ async fn send_batch(
     out: &transport::Outbound,
     rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
     id: u64,
-    deletes: Vec<String>,
+    deletes: Vec<WirePath>,
     archive: Option<Vec<u8>>,
 ) -> Control {
     let mut credits = transport::Credits::default();
@@ -185,7 +197,7 @@ fn assert_only_good_landed(a: &Agent, reply: Control, hostile: usize) {
 }
 
 /// Deletions that each try to leave the root.
-fn hostile_deletes() -> Vec<String> {
+fn hostile_deletes() -> Vec<WirePath> {
     vec!["../outside/victim".into(), "evil/victim".into(), "/etc/hostname".into()]
 }
 
@@ -449,12 +461,125 @@ async fn an_index_request_outside_the_root_is_refused_and_answered() {
     }
     // The session goes on: a valid index of the root works.
     std::fs::write(a.root.join("f"), "x").unwrap();
-    out.control(Control::IndexRequest { id: 8, under: vec![String::new()], prune: vec![] }).unwrap();
+    out.control(Control::IndexRequest { id: 8, under: vec![WirePath::default()], prune: vec![] }).unwrap();
     match next_control(&mut rx).await {
         Control::IndexPart { id: 8, entries, done: true } => {
-            assert_eq!(entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), vec!["f"])
+            assert_eq!(entries.iter().map(|e| e.path.to_str().unwrap()).collect::<Vec<_>>(), vec!["f"])
         }
         other => panic!("expected the index, got {other:?}"),
     }
+    out.close(1000, "");
+}
+
+/// The agent's peak resident memory, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// The credit window binds: a client that keeps sending on a stream past
+/// the credit the agent granted is cut off, with a message saying so, and
+/// the agent's memory stays bounded whatever the client sends. The flooded
+/// stream belongs to a batch queued behind one whose stream never ends, so
+/// nothing consumes it: without the window, every byte would pile up in
+/// the agent.
+#[tokio::test]
+async fn a_client_that_floods_past_its_window_is_cut_off_with_memory_bounded() {
+    let a = start_agent(None);
+    let pid = a.child.id();
+    let before = peak_rss_kib(pid);
+    let ws = raw_ws(&a).await;
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            if let Message::Close(Some(f)) = m {
+                return (u16::from(f.code), f.reason.to_string());
+            }
+        }
+        (0, String::new())
+    });
+    let ctl = |c: Control| Message::Binary(Frame::Control(c).encode().into());
+    let chunk = vec![0xa5u8; devloop_agent::protocol::CHUNK_SIZE];
+    let data = |s: u32| Message::Binary(devloop_agent::protocol::encode_data(s, &chunk).into());
+    // Batch 1: garbage past the in-memory size, so the apply thread takes
+    // it and waits for its end, which never comes.
+    tx.send(ctl(Control::Batch { id: 1, deletes: vec![], stream: Some(1), commands: vec![], restart: false }))
+        .await
+        .unwrap();
+    for _ in 0..24 {
+        tx.send(data(1)).await.unwrap();
+    }
+    tx.send(ctl(Control::Batch { id: 2, deletes: vec![], stream: Some(2), commands: vec![], restart: false }))
+        .await
+        .unwrap();
+    // 512 MiB on stream 2, never waiting for credit.
+    let mut sent = 0usize;
+    for _ in 0..8192 {
+        if tx.send(data(2)).await.is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let (code, reason) = tokio::time::timeout(Duration::from_secs(20), reader).await.expect("closed in time").unwrap();
+    let grown_mib = peak_rss_kib(pid).saturating_sub(before) / 1024;
+    println!("sent {} MiB before the cut; agent peak grew by {grown_mib} MiB", sent >> 20);
+    assert!(sent < 256 << 20, "the agent never cut the flood off");
+    assert!(grown_mib < 64, "the agent held {grown_mib} MiB for a flooding client");
+    // The close frame carries the reason. A client that keeps writing
+    // after it may see its connection reset instead, before it reads it:
+    // the agent's own log says why in any case.
+    if code != 0 {
+        assert_eq!(code, 1002, "reason: {reason}");
+        assert!(reason.contains("must wait for credit"), "reason: {reason}");
+    }
+    let t0 = std::time::Instant::now();
+    while !a.stderr.lock().unwrap().contains("must wait for credit") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "agent log: {}", a.stderr.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The agent lives on and serves others.
+    let (out, _rx) = session(&a).await;
+    out.close(1000, "");
+}
+
+/// Names are bytes: a name that is not UTF-8 lands as it is, and every
+/// path rule holds for bytes exactly as for text.
+#[tokio::test]
+async fn names_that_are_not_utf8_land_and_byte_tricks_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    use tar::EntryType as T;
+    let (a, out, mut rx) = agent_with_a_link_out().await;
+    let mut ar = Vec::new();
+    let long = [0xe9u8; 256];
+    // (path, entry type, link target)
+    type Case<'a> = (&'a [u8], T, Option<&'a [u8]>);
+    let hostile: Vec<Case> = vec![
+        (b"\xff/../../escape-bytes", T::Regular, None),
+        (b"/tmp/devloop-abs-\xff", T::Regular, None),
+        (b"evil/\xff-pwned", T::Regular, None),
+        (b"\xfelink", T::Symlink, Some(b"../outside/\xff")),
+        (b"\xfealink", T::Symlink, Some(b"/etc/\xff")),
+        (&long, T::Regular, None),
+    ];
+    for (p, k, l) in &hostile {
+        raw_entry(&mut ar, p, *k, b"x", *l);
+    }
+    raw_entry(&mut ar, b"caf\xe9.txt", T::Regular, b"latin-1", None);
+    raw_entry(&mut ar, b"d\xff", T::Directory, b"", None);
+    raw_entry(&mut ar, b"d\xff/\x80", T::Regular, b"below", None);
+    raw_entry(&mut ar, b"d\xff/l\xfe", T::Symlink, b"", Some(b"\x80"));
+    ar.extend_from_slice(&[0u8; 1024]);
+    let deletes = vec![WirePath::from(&b"\xff/../../outside/victim"[..]), WirePath::from(&b"evil/\xff"[..])];
+    let reply = send_batch(&out, &mut rx, 2, deletes, Some(ar)).await;
+    let Control::Applied { written, errors, .. } = reply else { panic!("expected applied, got {reply:?}") };
+    assert_eq!(written, 4, "errors: {errors:#?}");
+    assert_eq!(errors.len(), hostile.len() + 2, "errors: {errors:#?}");
+    let p = |b: &[u8]| a.root.join(std::ffi::OsStr::from_bytes(b));
+    assert_eq!(std::fs::read(p(b"caf\xe9.txt")).unwrap(), b"latin-1");
+    assert_eq!(std::fs::read(p(b"d\xff/l\xfe")).unwrap(), b"below", "a link with a byte name resolves");
+    assert_outside_untouched(&a);
     out.close(1000, "");
 }
