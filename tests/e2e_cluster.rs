@@ -38,6 +38,14 @@ async fn client() -> Option<Client> {
     Some(Client::try_default().await.expect("KUBECONFIG names a cluster devloop can reach"))
 }
 
+/// The server's version, for SKIP lines: `1.20` (`v1.20.2`).
+async fn server_version(client: &Client) -> String {
+    match client.apiserver_version().await {
+        Ok(v) => format!("{}.{} ({})", v.major, v.minor, v.git_version),
+        Err(e) => format!("(version unknown: {e})"),
+    }
+}
+
 /// A namespace of our own, deleted when the test ends (even on failure).
 struct TestNamespace {
     name: String,
@@ -223,7 +231,10 @@ async fn cluster_smoke_exec_portforward_logs_and_service_routing() {
     if discovery.resources.iter().any(|r| r.name == "pods/ephemeralcontainers") {
         println!("ephemeral containers: supported (no-shell image {})", noshell_image());
     } else {
-        println!("SKIP: ephemeral containers: this server has no pods/ephemeralcontainers subresource");
+        println!(
+            "SKIP: ephemeral containers: Kubernetes {} has no pods/ephemeralcontainers subresource",
+            server_version(&client).await
+        );
     }
     drop(ns);
 }
@@ -516,8 +527,8 @@ async fn doctor_names_missing_permissions_and_the_role_it_prints_is_enough() {
 /// their uid (a recreated object is a change), while what the API server
 /// and controllers bump on every write (resourceVersion, generation,
 /// managedFields, status, the Deployment controller's revision
-/// annotations) is left out. Pods are listed by owner and container spec,
-/// not by name: restoring a workload rolls its pods out, by design.
+/// annotations) is left out. Pods are listed by their shape, not by name:
+/// restoring a workload rolls its pods out, by design (see [`pod_shape`]).
 async fn namespace_state(client: &Client, ns: &str) -> serde_json::Value {
     use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
     use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
@@ -561,11 +572,7 @@ async fn namespace_state(client: &Client, ns: &str) -> serde_json::Value {
         .unwrap()
         .items
         .into_iter()
-        .map(|p| {
-            let owner = p.metadata.owner_references.unwrap_or_default().first().map(|o| o.name.clone());
-            let spec = serde_json::to_string(&p.spec.unwrap().containers).unwrap();
-            format!("{owner:?} {spec}")
-        })
+        .map(|p| pod_shape(serde_json::to_value(p).unwrap()).to_string())
         .collect();
     pod_shapes.sort();
     serde_json::json!({
@@ -579,6 +586,67 @@ async fn namespace_state(client: &Client, ns: &str) -> serde_json::Value {
         "roles": all::<Role>(client, ns).await,
         "rolebindings": all::<RoleBinding>(client, ns).await,
         "pods": pod_shapes,
+    })
+}
+
+/// Fails, showing only the kinds of object that differ, unless two
+/// [`namespace_state`]s are equal.
+fn assert_same_state(before: &serde_json::Value, after: &serde_json::Value) {
+    let kinds = before.as_object().unwrap().keys().chain(after.as_object().unwrap().keys());
+    let differ: Vec<String> = kinds
+        .filter(|k| before[k.as_str()] != after[k.as_str()])
+        .map(|k| {
+            format!(
+                "{k}:\n  before: {}\n  after:  {}",
+                serde_json::to_string(&before[k.as_str()]).unwrap(),
+                serde_json::to_string(&after[k.as_str()]).unwrap()
+            )
+        })
+        .collect();
+    assert!(differ.is_empty(), "down must leave the namespace as it was; these differ:\n{}", differ.join("\n"));
+}
+
+/// Where every pod's service-account token is mounted.
+const SA_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// What a pod is, as far as devloop could have changed it: its owner,
+/// labels, annotations and its whole spec (containers with their image,
+/// command, args, env and mounts; ephemeral containers; volumes), minus
+/// what the API server and scheduler make afresh for every pod: the
+/// service-account token volume and its mounts (`kube-api-access-<random>`
+/// since Kubernetes 1.22) and the node it landed on.
+fn pod_shape(pod: serde_json::Value) -> serde_json::Value {
+    let mut spec = pod["spec"].clone();
+    let mut token_volumes = std::collections::BTreeSet::new();
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            if let Some(mounts) = c["volumeMounts"].as_array_mut() {
+                mounts.retain(|m| {
+                    let token = m["mountPath"] == SA_MOUNT;
+                    if token {
+                        token_volumes.insert(m["name"].as_str().unwrap_or("").to_string());
+                    }
+                    !token
+                });
+            }
+        }
+    }
+    if let Some(vols) = spec["volumes"].as_array_mut() {
+        vols.retain(|v| !token_volumes.contains(v["name"].as_str().unwrap_or("")));
+    }
+    spec.as_object_mut().map(|m| m.remove("nodeName"));
+    let meta = &pod["metadata"];
+    let owners: Vec<String> = meta["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or(""), o["name"].as_str().unwrap_or("")))
+        .collect();
+    serde_json::json!({
+        "owners": owners,
+        "labels": meta["labels"],
+        "annotations": meta["annotations"],
+        "spec": spec,
     })
 }
 
@@ -742,11 +810,7 @@ async fn restart_keeps_synced_files_and_down_leaves_the_namespace_as_it_was() {
     assert!(text.contains("no restart wrapper to remove"), "{text}");
     rolled_out(&client, &ns.name, "app").await;
     let after = namespace_state(&client, &ns.name).await;
-    assert_eq!(
-        serde_json::to_string_pretty(&after).unwrap(),
-        serde_json::to_string_pretty(&before).unwrap(),
-        "down must leave the namespace as it was"
-    );
+    assert_same_state(&before, &after);
     drop(ns);
 }
 
@@ -756,7 +820,10 @@ async fn an_image_with_no_shell_is_synced_through_a_helper_container() {
     let Some(client) = client().await else { return };
     let discovery = client.list_core_api_resources("v1").await.unwrap();
     if !discovery.resources.iter().any(|r| r.name == "pods/ephemeralcontainers") {
-        println!("SKIP: this server has no pods/ephemeralcontainers subresource");
+        println!(
+            "SKIP: images with no shell: Kubernetes {} has no pods/ephemeralcontainers subresource",
+            server_version(&client).await
+        );
         return;
     }
     let ns = TestNamespace::create(&client).await;
