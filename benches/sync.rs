@@ -791,12 +791,13 @@ fn main() {
 
 /// Round trips of a small request (an index of a missing directory) while
 /// the connection is idle, and while a 256 MiB batch streams through it:
-/// the writer sends control messages ahead of queued data chunks, so a
+/// the writer sends control messages ahead of queued bulk chunks, so a
 /// large batch in flight may delay a small message by about the bytes
 /// already in the socket, never by the batch.
 fn bench_interleave(probes: usize) {
-    use devloop_agent::protocol::Control;
-    use devloop_agent::transport::{self, Credits, Heartbeat, Incoming, StreamSender};
+    use devloop_agent::handshake;
+    use devloop_agent::mux::{self, Incoming};
+    use devloop_agent::protocol::{Control, StreamHeader, STREAM_WINDOW};
     println!(
         "## 6. a small request's round trip while {BULK_BATCHES} batches of 256 MiB stream back to back (agent on loopback TCP)"
     );
@@ -826,32 +827,30 @@ fn bench_interleave(probes: usize) {
     const BULK_BATCHES: u32 = 3;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (idle, mut loaded, bulk_s) = rt.block_on(async move {
+        use tokio::io::AsyncWriteExt;
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (ws, _) = transport::connect(tcp, token).await.unwrap();
-        let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
-        // One task reads everything: credit for the bulk stream, answers
-        // to probes, the batch's acknowledgement.
-        let (reg_tx, mut reg_rx) = tokio::sync::mpsc::unbounded_channel::<StreamSender>();
+        let (io, rest, _) = handshake::connect(tcp, token).await.unwrap();
+        let (out, mut rx) = mux::spawn(io, rest, mux::Role::Client, mux::Heartbeat::from_env());
+        // One task reads what comes: answers to probes, the batches'
+        // acknowledgements (windows are handled by the connection).
         let (ans_tx, mut ans_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
         tokio::spawn(async move {
-            let mut credits = Credits::default();
             loop {
-                tokio::select! {
-                    biased;
-                    Some(s) = reg_rx.recv() => credits.register(&s),
-                    item = rx.recv() => match item {
-                        Some(Incoming::Control(Control::Credit { stream, bytes })) => credits.grant(stream, bytes),
-                        Some(Incoming::Control(Control::IndexPart { id, done: true, .. })) => { let _ = ans_tx.send(id); }
-                        Some(Incoming::Control(Control::Applied { id, .. })) => { let _ = done_tx.send(id); }
-                        Some(Incoming::Ended(_)) | None => break,
-                        _ => {}
-                    },
+                match rx.recv().await {
+                    Some(Incoming::Control(Control::IndexPart { id, done: true, .. })) => {
+                        let _ = ans_tx.send(id);
+                    }
+                    Some(Incoming::Control(Control::Applied { id, .. })) => {
+                        let _ = done_tx.send(id);
+                    }
+                    Some(Incoming::Ended(_)) | None => break,
+                    _ => {}
                 }
             }
         });
         let mut next_id = 10u64;
-        let mut probe = |out: transport::Outbound| {
+        let mut probe = |out: mux::Mux| {
             next_id += 1;
             let id = next_id;
             out.control(Control::IndexRequest { id, under: vec!["no/such/dir".into()], prune: vec![] }).unwrap();
@@ -865,34 +864,27 @@ fn bench_interleave(probes: usize) {
             idle.push(t0.elapsed().as_secs_f64() * 1e3);
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        // The bulk batches: one 256 MiB file each, streamed within credit.
+        // The bulk batches: one 256 MiB file each, each a stream.
         let t_bulk = Instant::now();
         let bulk = tokio::spawn({
             let out = out.clone();
             async move {
                 let block = vec![0x5au8; 1 << 20];
                 for b in 1..=BULK_BATCHES {
-                    let s = StreamSender::new(b, out.clone());
-                    reg_tx.send(s.clone()).unwrap();
-                    out.control(Control::Batch {
-                        id: b as u64,
-                        deletes: vec![],
-                        stream: Some(b),
-                        commands: vec![],
-                        restart: false,
-                    })
-                    .unwrap();
+                    let header =
+                        StreamHeader::Batch { id: b as u64, deletes: vec![], commands: vec![], restart: false };
+                    let mut s = out.open(&header, STREAM_WINDOW).unwrap();
                     let mut h = tar::Header::new_gnu();
                     h.set_path("big.bin").unwrap();
                     h.set_size(BIG);
                     h.set_mode(0o644);
                     h.set_cksum();
-                    s.send(h.as_bytes()).await.unwrap();
+                    s.write_all(h.as_bytes()).await.unwrap();
                     for _ in 0..(BIG >> 20) {
-                        s.send(&block).await.unwrap();
+                        s.write_all(&block).await.unwrap();
                     }
-                    s.send(&[0u8; 1024]).await.unwrap();
-                    s.finish().await.unwrap();
+                    s.write_all(&[0u8; 1024]).await.unwrap();
+                    s.shutdown().await.unwrap();
                 }
             }
         });

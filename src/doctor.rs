@@ -159,11 +159,7 @@ pub async fn check(svc: &Service) -> bool {
             let c = match kubernetes::connect(k).await {
                 Ok(c) => c,
                 Err(e) => {
-                    println!(
-                        "  FAIL  {}\n        hint: {}",
-                        crate::session::error_chain(&e),
-                        e.hint().unwrap_or_default()
-                    );
+                    println!("  FAIL  {}\n        hint: {}", crate::error::chain(&e), e.hint().unwrap_or_default());
                     return false;
                 }
             };
@@ -171,11 +167,7 @@ pub async fn check(svc: &Service) -> bool {
                 Ok(v) => println!("  ok    cluster reachable (Kubernetes {}.{})", v.major, v.minor),
                 Err(e) => {
                     let e = KubeError::Api { what: "reach the API server".into(), source: e };
-                    println!(
-                        "  FAIL  {}\n        hint: {}",
-                        crate::session::error_chain(&e),
-                        e.hint().unwrap_or_default()
-                    );
+                    println!("  FAIL  {}\n        hint: {}", crate::error::chain(&e), e.hint().unwrap_or_default());
                     return false;
                 }
             }
@@ -208,11 +200,7 @@ pub async fn check(svc: &Service) -> bool {
                 Ok(p) => println!("  ok    {} ready pod(s) for {}", p.len(), k.pods),
                 Err(e) => {
                     ok = false;
-                    println!(
-                        "  FAIL  {}\n        hint: {}",
-                        crate::session::error_chain(&e),
-                        e.hint().unwrap_or_default()
-                    );
+                    println!("  FAIL  {}\n        hint: {}", crate::error::chain(&e), e.hint().unwrap_or_default());
                 }
             }
             if denied {
@@ -235,20 +223,20 @@ pub async fn down(svc: &Service) -> bool {
     let c = match kubernetes::connect(k).await {
         Ok(c) => c,
         Err(e) => {
-            println!("{}: {}\n  hint: {}", svc.name, crate::session::error_chain(&e), e.hint().unwrap_or_default());
+            println!("{}: {}\n  hint: {}", svc.name, crate::error::chain(&e), e.hint().unwrap_or_default());
             return false;
         }
     };
     let pods = match kubernetes::ready_pods(&c, &k.pods).await {
         Ok(p) => p,
         Err(e) => {
-            println!("{}: {}\n  hint: {}", svc.name, crate::session::error_chain(&e), e.hint().unwrap_or_default());
+            println!("{}: {}\n  hint: {}", svc.name, crate::error::chain(&e), e.hint().unwrap_or_default());
             return false;
         }
     };
     let mut ok = true;
     let fail = |what: &str, e: KubeError| {
-        println!("{}: {what}: {}\n  hint: {}", svc.name, crate::session::error_chain(&e), e.hint().unwrap_or_default());
+        println!("{}: {what}: {}\n  hint: {}", svc.name, crate::error::chain(&e), e.hint().unwrap_or_default());
     };
     for pod in pods {
         match kubernetes::remove_agent(&c, &pod, k.container.as_deref()).await {

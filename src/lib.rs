@@ -19,11 +19,12 @@
 //! only print what they receive. The wire protocol lives in the agent's
 //! library (`devloop_agent::protocol`) so the two sides cannot disagree.
 
+pub mod client;
 pub mod config;
 pub mod doctor;
+pub mod error;
 pub mod events;
 pub mod filter;
-pub mod link;
 pub mod session;
 pub mod sync;
 pub mod target;

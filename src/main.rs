@@ -73,6 +73,7 @@ enum Command {
 
 fn main() -> ExitCode {
     devloop_agent::fault::set_scope("cli");
+    devloop_agent::mux::raise_open_files_limit();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -2,9 +2,9 @@
 //! then follow changes; when the session is lost (agent killed, pod
 //! restarted, link dropped), start again with backoff and resync by content.
 
+use crate::client::{AgentClient, ClientError};
 use crate::config::{KubeTarget, Service, Target};
 use crate::events::{Kind, Reporter};
-use crate::link::{Link, LinkError};
 use crate::sync::{Engine, LiveEnd, SyncError};
 use crate::target::kubernetes::{self, KubeError};
 use crate::target::{self, workload, Endpoint, TargetError};
@@ -112,7 +112,7 @@ async fn follow_pods(
     mut shutdown: watch::Receiver<bool>,
 ) -> Outcome {
     let fail = |e: kubernetes::KubeError| {
-        rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+        rep.send(Kind::Error { message: crate::error::chain(&e), hint: e.hint() });
         Outcome::Unreachable
     };
     let cluster = match kubernetes::connect(&k).await {
@@ -190,7 +190,7 @@ async fn follow_pods(
             }
             Err(e) if mode == Mode::Once => return fail(e),
             Err(e) => {
-                rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+                rep.send(Kind::Error { message: crate::error::chain(&e), hint: e.hint() });
             }
         }
         if mode == Mode::Once {
@@ -252,7 +252,7 @@ async fn wrap_for_restarts(
         Ok(_) => None,
         Err(e) => {
             rep.send(Kind::Error {
-                message: format!("cannot set up restarts of {}: {}", w.describe(), error_chain(&e)),
+                message: format!("cannot set up restarts of {}: {}", w.describe(), crate::error::chain(&e)),
                 hint: e.hint(),
             });
             None
@@ -273,7 +273,7 @@ async fn unwrap_on_exit(w: &workload::Workload, cluster: &kubernetes::Cluster, r
         }),
         Ok(None) => {}
         Err(e) => rep.send(Kind::Error {
-            message: format!("cannot restore {}: {}", w.describe(), error_chain(&e)),
+            message: format!("cannot restore {}: {}", w.describe(), crate::error::chain(&e)),
             hint: Some("run `devloop down` to restore it".into()),
         }),
     }
@@ -377,7 +377,7 @@ async fn run_endpoint(
                             ),
                             _ => false,
                         };
-                        rep.send(Kind::Error { message: error_chain(&e), hint: e.hint() });
+                        rep.send(Kind::Error { message: crate::error::chain(&e), hint: e.hint() });
                         if fatal || mode == Mode::Once {
                             return Outcome::Unreachable;
                         }
@@ -393,12 +393,12 @@ async fn run_endpoint(
         if !started.via.is_empty() {
             via = started.via;
         }
-        let mut link = match Link::open(started.io, &token, rep.clone()).await {
+        let link = match AgentClient::open(started.io, &token, rep.clone()).await {
             Ok(l) => l,
             Err(e) => {
-                rep.send(Kind::Error { message: error_chain(&e), hint: link_hint(&e) });
+                rep.send(Kind::Error { message: crate::error::chain(&e), hint: e.hint() });
                 process.stop(Duration::from_millis(500)).await;
-                if mode == Mode::Once || matches!(e, LinkError::Connect(_)) {
+                if mode == Mode::Once || matches!(e, ClientError::Connect(_)) {
                     return Outcome::Unreachable;
                 }
                 if backoff(&rep, &mut attempt, &mut shutdown).await {
@@ -408,13 +408,13 @@ async fn run_endpoint(
             }
         };
         rep.send(Kind::AgentConnected {
-            agent_version: link.agent_version.clone(),
-            pid: link.pid,
-            root: link.root.clone(),
+            agent_version: link.agent_version().to_string(),
+            pid: link.pid(),
+            root: link.root().to_string(),
             via: via.clone(),
         });
         let result = async {
-            let errors = engine.initial_sync(&mut link).await?;
+            let errors = engine.initial_sync(&link).await?;
             link.configure_app(engine.service().app.as_ref().and_then(|a| a.spec.clone()));
             if mode == Mode::Once {
                 return Ok(if errors == 0 { Outcome::InSync } else { Outcome::PathErrors(errors) });
@@ -423,9 +423,9 @@ async fn run_endpoint(
             release_freed_memory();
             // Watch mode always has a change receiver.
             let changes = changes.as_mut().expect("watch mode");
-            match engine.live(&mut link, changes, &mut shutdown).await? {
+            match engine.live(&link, changes, &mut shutdown).await? {
                 LiveEnd::Shutdown => Ok(Outcome::Stopped),
-                LiveEnd::Lost(r) => Err(LinkError::Lost(r).into()),
+                LiveEnd::Lost(r) => Err(ClientError::Lost(r).into()),
             }
         }
         .await;
@@ -454,8 +454,8 @@ async fn run_endpoint(
                     return Outcome::Stopped;
                 }
             }
-            Err(SyncError::Link(e)) => {
-                rep.send(Kind::AgentLost { reason: error_chain(&e) });
+            Err(SyncError::Client(e)) => {
+                rep.send(Kind::AgentLost { reason: crate::error::chain(&e) });
                 drop(link);
                 if mode == Mode::Once {
                     process.stop(Duration::from_millis(500)).await;
@@ -495,26 +495,4 @@ async fn backoff(rep: &Reporter, attempt: &mut u32, shutdown: &mut watch::Receiv
         _ = tokio::time::sleep(Duration::from_millis(ms)) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
     }
-}
-
-fn link_hint(e: &LinkError) -> Option<String> {
-    match e {
-        LinkError::Connect(_) => Some("install matching versions of devloop and devloop-agent".into()),
-        LinkError::Timeout(_) | LinkError::Lost(_) => {
-            Some("the agent's own messages (agent: ...) above say why; check target in devloop.yaml".into())
-        }
-        LinkError::Agent(_) => None,
-    }
-}
-
-/// An error and its sources, in one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -22,10 +22,10 @@ mod live;
 mod plan;
 mod scan;
 
+use crate::client::{AgentClient, Applied, ClientError};
 use crate::config::{PathMatcher, Service};
 use crate::events::{Kind, Reporter};
 use crate::filter::Filter;
-use crate::link::{Applied, Link, LinkError};
 use crate::watch::Watch;
 use devloop_agent::index::{self, ScanFailed};
 use devloop_agent::paths::WirePath;
@@ -69,7 +69,7 @@ pub enum LiveEnd {
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
-    Link(#[from] LinkError),
+    Client(#[from] ClientError),
     /// The scan of the source failed: nothing was sent or deleted.
     #[error(transparent)]
     Scan(#[from] ScanFailed),
@@ -157,7 +157,7 @@ impl Engine {
     /// The first sync of a session: compare the source with the agent's
     /// index, by content, and send only the differences. Returns the number
     /// of paths that failed or could not be read.
-    pub async fn initial_sync(&mut self, link: &mut Link) -> Result<usize, SyncError> {
+    pub async fn initial_sync(&mut self, link: &AgentClient) -> Result<usize, SyncError> {
         let t0 = Instant::now();
         let scan = tokio::task::block_in_place(|| self.scan_source())?;
         let unders: Vec<WirePath> = self.rules.iter().map(|r| r.to.clone()).collect();
@@ -206,8 +206,8 @@ impl Engine {
                 // The container's own process started on the image's files,
                 // before these landed: restart it once, now.
                 let restart = vec![crate::target::workload::restart_command()];
-                let pending = link.begin_batch(Vec::new(), restart, false, false).await?;
-                pending.applied.await.map_err(|_| LinkError::Lost("connection closed".into()))??;
+                let applied = link.batch(Vec::new(), restart, false)?;
+                applied.await.map_err(|_| ClientError::Lost("connection closed".into()))??;
             }
         }
         self.rep.send(Kind::InSync { files, dirs, checked_ms: t0.elapsed().as_secs_f64() * 1e3 });
@@ -215,7 +215,13 @@ impl Engine {
     }
 
     /// Sends a plan as one or more batches; returns how many paths failed.
-    async fn send_plan(&mut self, link: &mut Link, plan: Plan, initial: bool, t0: Instant) -> Result<usize, LinkError> {
+    async fn send_plan(
+        &mut self,
+        link: &AgentClient,
+        plan: Plan,
+        initial: bool,
+        t0: Instant,
+    ) -> Result<usize, ClientError> {
         let mut errors = 0;
         let (writes, mut deletes) = plan.into_parts();
         let mut chunk: Vec<Outgoing> = Vec::new();
@@ -241,12 +247,12 @@ impl Engine {
 
     async fn send_batch(
         &mut self,
-        link: &mut Link,
+        link: &AgentClient,
         writes: Vec<Outgoing>,
         deletes: Vec<WirePath>,
         initial: bool,
         t0: Instant,
-    ) -> Result<BatchOutcome, LinkError> {
+    ) -> Result<BatchOutcome, ClientError> {
         let changed = || writes.iter().map(|w| w.wire.as_bytes()).chain(deletes.iter().map(WirePath::as_bytes));
         let matches = |m: &PathMatcher| changed().any(|p| m.is_match(p));
         let mut commands: Vec<CommandSpec> =
@@ -265,7 +271,7 @@ impl Engine {
         self.batches += 1;
         let files = writes.len() as u64;
         let started = Kind::SyncStarted { batch: self.batches, initial, files, deletes: deletes.len() as u64, bytes };
-        let closed = || LinkError::Lost("connection closed while sending".into());
+        let closed = || ClientError::Lost("connection closed while sending".into());
         let inline =
             bytes <= INLINE_BATCH_MAX && writes.iter().all(|w| w.kind != EntryKind::File || w.content.is_some());
         if writes.is_empty() || !inline {
@@ -280,12 +286,12 @@ impl Engine {
             .collect();
         let mut read_errors = Vec::new();
         let (sent, applied) = if writes.is_empty() {
-            (Vec::new(), link.begin_batch(deletes.clone(), commands, restart, false).await?.applied)
+            (Vec::new(), link.batch(deletes.clone(), commands, restart)?)
         } else if inline {
             // The fast path for an edit: built in memory, sent in one write.
             let mut buf = Vec::with_capacity(bytes as usize + 1024 * writes.len());
             let (sent, _) = archive::build_archive(&mut buf, writes);
-            let applied = link.inline_batch(deletes.clone(), commands, restart, &buf)?;
+            let applied = link.inline_batch(deletes.clone(), commands, restart, &buf).await?;
             // Let the writer put it on the wire before anything else runs
             // here: the event's printer, woken first, would push the writer
             // off this thread's next-task slot and wake another thread.
@@ -293,18 +299,17 @@ impl Engine {
             self.rep.send(started);
             (sent, applied)
         } else {
-            let pending = link.begin_batch(deletes.clone(), commands, restart, true).await?;
-            let stream = pending.stream.ok_or_else(closed)?;
+            let (stream, applied) = link.stream_batch(deletes.clone(), commands, restart)?;
             let rt = tokio::runtime::Handle::current();
             let build = tokio::task::spawn_blocking(move || {
-                let mut w = stream.blocking_writer(rt);
+                let mut w = stream.blocking(rt);
                 let built = archive::build_archive(&mut w, writes);
                 w.finish().map(|_| built)
             });
             match build.await {
                 Ok(Ok((s, errs))) => {
                     read_errors = errs;
-                    (s, pending.applied)
+                    (s, applied)
                 }
                 _ => return Err(closed()),
             }
@@ -324,7 +329,7 @@ impl Engine {
             }
         }
         let Applied { written, deleted, bytes, errors, .. } =
-            applied.await.map_err(|_| LinkError::Lost("connection closed".into()))??;
+            applied.await.map_err(|_| ClientError::Lost("connection closed".into()))??;
         for d in &deletes {
             self.model.remove(d);
         }

@@ -13,9 +13,9 @@
 //! renamed into place, so a reader sees the old content or the new, never
 //! half of either.
 
+use devloop_agent::mux::BlockingReader;
 use devloop_agent::paths::{self, WirePath};
 use devloop_agent::protocol::{PathError, TEMP_PREFIX};
-use devloop_agent::transport::BlockingStreamReader;
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 /// A batch's archive: still arriving (streamed from the connection), or
 /// complete in memory (small batches).
 pub enum Archive {
-    Stream(BlockingStreamReader),
+    Stream(BlockingReader),
     Buffered(Vec<u8>),
 }
 

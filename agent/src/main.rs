@@ -135,6 +135,7 @@ fn main() -> ExitCode {
         }
     };
     apply::init_umask();
+    devloop_agent::mux::raise_open_files_limit();
     // Children (the app, post-sync commands) must not inherit the token.
     // Safe here: no other thread exists yet.
     std::env::remove_var(devloop_agent::protocol::TOKEN_ENV);

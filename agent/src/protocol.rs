@@ -1,49 +1,71 @@
 //! The wire format between the devloop CLI and devloop-agent.
 //!
-//! These types *are* the protocol. One WebSocket connection carries
-//! everything; each binary WebSocket message is one [`Frame`]:
+//! These types *are* the protocol. After an HTTP upgrade (see
+//! `handshake`, which carries the session token and this version), one
+//! byte stream carries everything as frames: a 4-byte big-endian length
+//! (of what follows), a tag, and the tag's payload.
 //!
 //! ```text
-//! 0x01 | JSON(Control)                 a control message
-//! 0x02 | stream id (u32 BE) | bytes    a chunk of a data stream; empty = end
-//! 0x03 | length (u32 BE) | JSON(Control) | archive
-//!                                      a batch with its whole (small) archive
+//! 0x01 CONTROL  JSON(Control)                               a control message
+//! 0x02 DATA     stream (u32) | bytes (not empty)            data on a stream
+//! 0x03 BATCH    length (u32) | JSON(Control::Batch) | archive
+//!                                                           a batch with its whole (small) archive
+//! 0x04 OPEN     stream (u32) | window (u32) | JSON(StreamHeader)
+//!                                                           a new stream, and what it is for
+//! 0x05 FIN      stream (u32)                                no more data from this side
+//! 0x06 RESET    stream (u32) | reason (UTF-8)               the stream is aborted, both ways
+//! 0x07 WINDOW   stream (u32) | bytes (u32)                  the receiver took this much more
+//! 0x08 PING                                                 (any frame proves the peer alive)
+//! 0x09 CLOSE    code (u16) | reason (UTF-8)                 the session ends, and why
 //! ```
 //!
-//! The third form carries a small batch in one message: an edit then costs
-//! the agent one message to decode and hand over, not three (the batch, its
-//! data, the end marker). Only a [`Control::Batch`] without a stream may
-//! come this way, and the archive is at most [`CHUNK_SIZE`].
+//! Streams: the side that opens one picks its id, odd for the CLI and even
+//! for the agent, so ids never collide; data may follow an OPEN at once.
+//! Each direction of a stream has its own window: a sender may have
+//! `window` bytes (from the OPEN) beyond what the receiver acknowledged
+//! with WINDOW frames in flight, and a receiver cuts off a peer that sends
+//! more. FIN closes one direction (as TCP's half-close does); RESET both.
 //!
-//! Control messages are JSON so that adding an optional field is a safe
-//! change; removing or renaming one, or changing a meaning, needs a new
-//! [`PROTOCOL_VERSION`]. The version is negotiated in the WebSocket upgrade
-//! (`Sec-WebSocket-Protocol: devloop.v<N>`), so mismatched peers fail before
-//! any frame is exchanged, with a message that names both versions.
+//! The BATCH form carries a small batch in one frame: an edit then costs
+//! the agent one frame to decode and hand over. Only a [`Control::Batch`]
+//! may come this way, with an archive of at most [`CHUNK_SIZE`]; a larger
+//! archive is a stream whose [`StreamHeader::Batch`] is the batch.
+//!
+//! Control messages and stream headers are JSON so that adding an optional
+//! field is a safe change; removing or renaming one, changing a meaning,
+//! or a new frame tag, needs a new [`PROTOCOL_VERSION`]. A stream header
+//! of a kind the receiver does not know is refused (RESET), and the
+//! session goes on.
 
 use crate::paths::WirePath;
 use serde::{Deserialize, Serialize};
 
 /// Bump on any incompatible change to [`Control`] or the frame layout.
 /// v3: paths are bytes ([`WirePath`]: a string, or `{"hex": ...}`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// v4: the devloop framing replaces WebSocket; real streams.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Environment variable that carries the session token to the agent.
 pub const TOKEN_ENV: &str = "DEVLOOP_AGENT_TOKEN";
-/// HTTP header on the upgrade request that carries the agent's version back.
+/// HTTP header on the upgrade's answer that carries the agent's version.
 pub const AGENT_VERSION_HEADER: &str = "x-devloop-agent-version";
-/// Largest WebSocket message either side accepts. Data is sent in
-/// [`CHUNK_SIZE`] pieces, so only a hostile or broken peer comes near it.
+/// Largest frame either side accepts. Data is sent in [`CHUNK_SIZE`]
+/// pieces, so only a hostile or broken peer comes near it.
 pub const MAX_MESSAGE: usize = 8 << 20;
 /// Size of the data chunks streams are cut into. Small enough that a control
 /// message queued behind one waits well under a millisecond on loopback.
 pub const CHUNK_SIZE: usize = 64 << 10;
-/// Bytes a receiver lets a sender have in flight on one stream before it
-/// must wait for [`Control::Credit`].
+/// The window of a stream that carries a sync batch's archive.
 pub const STREAM_WINDOW: u32 = 4 << 20;
+/// The window of a stream that carries a TCP connection: enough to keep a
+/// fast link busy, small enough that a thousand of them stay bounded.
+pub const TCP_WINDOW: u32 = 256 << 10;
+/// The largest window a receiver accepts in an OPEN.
+pub const MAX_WINDOW: u32 = 16 << 20;
 /// Prefix of the temporary names the agent writes beside their targets.
 pub const TEMP_PREFIX: &str = ".devloop-tmp-";
 
-/// The WebSocket subprotocol name for a protocol version.
+/// The subprotocol name for a protocol version (in the upgrade request's
+/// `Sec-WebSocket-Protocol`, where an agent of any version looks for it).
 pub fn subprotocol(version: u32) -> String {
     format!("devloop.v{version}")
 }
@@ -56,8 +78,14 @@ pub fn parse_subprotocol(s: &str) -> Option<u32> {
 const TAG_CONTROL: u8 = 1;
 const TAG_DATA: u8 = 2;
 const TAG_BATCH: u8 = 3;
+const TAG_OPEN: u8 = 4;
+const TAG_FIN: u8 = 5;
+const TAG_RESET: u8 = 6;
+const TAG_WINDOW: u8 = 7;
+const TAG_PING: u8 = 8;
+const TAG_CLOSE: u8 = 9;
 
-/// One decoded WebSocket message.
+/// One decoded frame (its length prefix already taken off).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Control(Control),
@@ -70,6 +98,29 @@ pub enum Frame {
         control: Control,
         archive: Vec<u8>,
     },
+    /// `header` is the raw JSON: a kind the receiver does not know is
+    /// refused without ending the session (see [`StreamHeader::parse`]).
+    Open {
+        stream: u32,
+        window: u32,
+        header: Vec<u8>,
+    },
+    Fin {
+        stream: u32,
+    },
+    Reset {
+        stream: u32,
+        reason: String,
+    },
+    Window {
+        stream: u32,
+        bytes: u32,
+    },
+    Ping,
+    Close {
+        code: u16,
+        reason: String,
+    },
 }
 
 /// Why a frame could not be decoded. The connection is closed with this text.
@@ -79,43 +130,91 @@ pub enum FrameError {
     Empty,
     #[error("unknown frame tag {0:#04x} (is the peer a devloop of another version?)")]
     UnknownTag(u8),
-    #[error("data frame shorter than its 5-byte header")]
-    ShortData,
+    #[error("{0} frame shorter than its header")]
+    Short(&'static str),
     #[error("batch frame shorter than its header and the control message it announces")]
     ShortBatch,
     #[error("control message is not valid: {0}")]
     BadControl(String),
+    #[error("data frame with no data")]
+    EmptyData,
+}
+
+/// The 4-byte length prefix plus the tag, before a payload.
+fn start(tag: u8, payload_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + payload_len);
+    out.extend_from_slice(&((1 + payload_len) as u32).to_be_bytes());
+    out.push(tag);
+    out
+}
+
+/// Writes the length prefix of a frame built after [`start`].
+fn finish(mut out: Vec<u8>) -> Vec<u8> {
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
 impl Frame {
-    /// Encodes the frame as one WebSocket binary message.
+    /// Encodes the frame, length prefix included.
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Frame::Control(c) => {
-                let mut out = vec![TAG_CONTROL];
-                // Serializing these plain types cannot fail: no maps with
-                // non-string keys, no custom Serialize impls.
-                serde_json::to_writer(&mut out, c).expect("control serializes");
-                out
-            }
+            Frame::Control(c) => encode_control(c),
             Frame::Data { stream, bytes } => encode_data(*stream, bytes),
             Frame::Batch { control, archive } => encode_batch(control, archive),
+            Frame::Open { stream, window, header } => {
+                let mut out = start(TAG_OPEN, 8 + header.len());
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&window.to_be_bytes());
+                out.extend_from_slice(header);
+                out
+            }
+            Frame::Fin { stream } => {
+                let mut out = start(TAG_FIN, 4);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out
+            }
+            Frame::Reset { stream, reason } => {
+                let mut out = start(TAG_RESET, 4 + reason.len());
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(reason.as_bytes());
+                out
+            }
+            Frame::Window { stream, bytes } => {
+                let mut out = start(TAG_WINDOW, 8);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&bytes.to_be_bytes());
+                out
+            }
+            Frame::Ping => start(TAG_PING, 0),
+            Frame::Close { code, reason } => {
+                let mut out = start(TAG_CLOSE, 2 + reason.len());
+                out.extend_from_slice(&code.to_be_bytes());
+                out.extend_from_slice(reason.as_bytes());
+                out
+            }
         }
     }
 
-    /// Decodes one WebSocket binary message.
+    /// Decodes one frame's tag and payload (the length prefix taken off).
     pub fn decode(buf: &[u8]) -> Result<Frame, FrameError> {
         let (&tag, rest) = buf.split_first().ok_or(FrameError::Empty)?;
+        let need = |n: usize, what| if rest.len() < n { Err(FrameError::Short(what)) } else { Ok(()) };
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         match tag {
             TAG_CONTROL => {
                 serde_json::from_slice(rest).map(Frame::Control).map_err(|e| FrameError::BadControl(e.to_string()))
             }
             TAG_DATA => {
-                if rest.len() < 4 {
-                    return Err(FrameError::ShortData);
+                need(4, "data")?;
+                if rest.len() == 4 {
+                    return Err(FrameError::EmptyData);
                 }
-                let stream = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-                Ok(Frame::Data { stream, bytes: rest[4..].to_vec() })
+                Ok(Frame::Data { stream: be32(rest), bytes: rest[4..].to_vec() })
             }
             TAG_BATCH => {
                 let (len, rest) = rest.split_first_chunk::<4>().ok_or(FrameError::ShortBatch)?;
@@ -127,15 +226,44 @@ impl Frame {
                 let control = serde_json::from_slice(json).map_err(|e| FrameError::BadControl(e.to_string()))?;
                 Ok(Frame::Batch { control, archive: archive.to_vec() })
             }
+            TAG_OPEN => {
+                need(8, "open")?;
+                Ok(Frame::Open { stream: be32(rest), window: be32(&rest[4..]), header: rest[8..].to_vec() })
+            }
+            TAG_FIN => {
+                need(4, "fin")?;
+                Ok(Frame::Fin { stream: be32(rest) })
+            }
+            TAG_RESET => {
+                need(4, "reset")?;
+                Ok(Frame::Reset { stream: be32(rest), reason: text(&rest[4..]) })
+            }
+            TAG_WINDOW => {
+                need(8, "window")?;
+                Ok(Frame::Window { stream: be32(rest), bytes: be32(&rest[4..]) })
+            }
+            TAG_PING => Ok(Frame::Ping),
+            TAG_CLOSE => {
+                need(2, "close")?;
+                Ok(Frame::Close { code: u16::from_be_bytes([rest[0], rest[1]]), reason: text(&rest[2..]) })
+            }
             t => Err(FrameError::UnknownTag(t)),
         }
     }
 }
 
+/// Encodes a control message without building a [`Frame`] first.
+pub fn encode_control(c: &Control) -> Vec<u8> {
+    let mut out = start(TAG_CONTROL, 128);
+    // Serializing these plain types cannot fail: no maps with non-string
+    // keys, no custom Serialize impls that fail.
+    serde_json::to_writer(&mut out, c).expect("control serializes");
+    finish(out)
+}
+
 /// Encodes a data chunk without building a [`Frame`] first.
 pub fn encode_data(stream: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + bytes.len());
-    out.push(TAG_DATA);
+    let mut out = start(TAG_DATA, 4 + bytes.len());
     out.extend_from_slice(&stream.to_be_bytes());
     out.extend_from_slice(bytes);
     out
@@ -143,15 +271,49 @@ pub fn encode_data(stream: u32, bytes: &[u8]) -> Vec<u8> {
 
 /// Encodes a batch with its archive without building a [`Frame`] first.
 pub fn encode_batch(control: &Control, archive: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + archive.len());
-    out.push(TAG_BATCH);
+    let mut out = start(TAG_BATCH, 4 + 256 + archive.len());
     out.extend_from_slice(&[0; 4]);
-    // Serializing these plain types cannot fail (see `encode`).
+    // Serializing these plain types cannot fail (see `encode_control`).
     serde_json::to_writer(&mut out, control).expect("control serializes");
-    let len = (out.len() - 5) as u32;
-    out[1..5].copy_from_slice(&len.to_be_bytes());
+    let len = (out.len() - 9) as u32;
+    out[5..9].copy_from_slice(&len.to_be_bytes());
     out.extend_from_slice(archive);
-    out
+    finish(out)
+}
+
+/// What a stream is for: sent in its OPEN, so the receiver knows what to do
+/// with it before any data comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StreamHeader {
+    /// A batch whose tar archive is the stream's data (CLI → agent):
+    /// `deletes` first, then the archive, then `commands`, then the app's
+    /// restart when `restart` is set.
+    Batch { id: u64, deletes: Vec<WirePath>, commands: Vec<CommandSpec>, restart: bool },
+    /// Connect to `host:port` from the agent's side and carry that
+    /// connection (CLI → agent).
+    Dial { host: String, port: u16 },
+}
+
+impl StreamHeader {
+    /// Parses a header from an OPEN; an unknown kind is an error that says
+    /// which (the stream is refused, the session goes on).
+    pub fn parse(raw: &[u8]) -> Result<StreamHeader, String> {
+        serde_json::from_slice(raw).map_err(|e| {
+            let kind = serde_json::from_slice::<serde_json::Value>(raw)
+                .ok()
+                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from));
+            match kind {
+                Some(k) => format!("stream kind `{k}` is not known here ({e}; is the peer a newer devloop?)"),
+                None => format!("stream header is not valid: {e}"),
+            }
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Plain data: serializing cannot fail.
+        serde_json::to_vec(self).expect("header serializes")
+    }
 }
 
 /// Every control message, in both directions.
@@ -188,17 +350,13 @@ pub enum Control {
     /// Index the trees under these root-relative directories ("" = root),
     /// not descending into `prune`.
     IndexRequest { id: u64, under: Vec<WirePath>, prune: Vec<WirePath> },
-    /// Apply a batch: `deletes` first (in order), then the tar archive sent
-    /// on `stream` (if any), then run `commands`, then restart the app when
-    /// `restart` is set.
-    Batch { id: u64, deletes: Vec<WirePath>, stream: Option<u32>, commands: Vec<CommandSpec>, restart: bool },
+    /// Apply a batch: `deletes` first (in order), then the tar archive that
+    /// comes with it in a BATCH frame (if it does), then run `commands`,
+    /// then restart the app when `restart` is set. (A batch with a larger
+    /// archive is a stream: [`StreamHeader::Batch`].)
+    Batch { id: u64, deletes: Vec<WirePath>, commands: Vec<CommandSpec>, restart: bool },
     /// Configure (and start, or restart when changed) the app process.
     AppConfigure { app: Option<AppSpec> },
-
-    // ---- both ----
-    /// The receiver of `stream` consumed `bytes` more; the sender may send
-    /// that much more.
-    Credit { stream: u32, bytes: u32 },
 }
 
 /// One path in an index.
@@ -309,6 +467,14 @@ pub enum ErrorCode {
 mod tests {
     use super::*;
 
+    /// Decodes an encoded frame (taking its length prefix off, after
+    /// checking it).
+    fn round(f: &Frame) -> Frame {
+        let b = f.encode();
+        assert_eq!(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize, b.len() - 4, "{f:?}");
+        Frame::decode(&b[4..]).unwrap()
+    }
+
     #[test]
     fn control_round_trips() {
         let msgs = vec![
@@ -316,7 +482,6 @@ mod tests {
             Control::Batch {
                 id: 3,
                 deletes: vec!["a/b".into()],
-                stream: Some(9),
                 commands: vec![CommandSpec { shell: Some("npm i".into()), argv: vec![], workdir: String::new() }],
                 restart: true,
             },
@@ -332,42 +497,63 @@ mod tests {
                 }],
                 done: true,
             },
-            Control::Credit { stream: 1, bytes: 65536 },
             Control::Output { source: OutputSource::App, stream: StdStream::Stderr, line: "é".into() },
             Control::App { state: AppState::Exited { code: Some(3) } },
             Control::Error { code: ErrorCode::Request, message: "x".into(), fatal: false, request: Some(4) },
         ];
         for m in msgs {
             let f = Frame::Control(m);
-            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+            assert_eq!(round(&f), f);
         }
     }
 
     #[test]
-    fn data_round_trips_including_empty_end_marker() {
-        for bytes in [vec![], vec![0u8; 5], (0..=255u8).collect::<Vec<_>>()] {
-            let f = Frame::Data { stream: 0xdead_beef, bytes };
-            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+    fn stream_frames_round_trip() {
+        let header = StreamHeader::Dial { host: "10.0.0.1".into(), port: 8080 }.encode();
+        let frames = vec![
+            Frame::Data { stream: 0xdead_beef, bytes: vec![1] },
+            Frame::Data { stream: 7, bytes: (0..=255u8).collect() },
+            Frame::Open { stream: 3, window: TCP_WINDOW, header },
+            Frame::Fin { stream: 5 },
+            Frame::Reset { stream: 6, reason: "connection refused".into() },
+            Frame::Window { stream: 9, bytes: 65536 },
+            Frame::Ping,
+            Frame::Close { code: 1002, reason: "bad".into() },
+        ];
+        for f in frames {
+            assert_eq!(round(&f), f);
         }
     }
 
     #[test]
     fn batch_with_archive_round_trips() {
-        let control =
-            Control::Batch { id: 4, deletes: vec!["gone".into()], stream: None, commands: vec![], restart: false };
+        let control = Control::Batch { id: 4, deletes: vec!["gone".into()], commands: vec![], restart: false };
         for archive in [vec![], vec![7u8; 3], (0..=255u8).collect::<Vec<_>>()] {
             let f = Frame::Batch { control: control.clone(), archive };
-            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+            assert_eq!(round(&f), f);
         }
+    }
+
+    #[test]
+    fn stream_headers_parse_and_unknown_kinds_say_which() {
+        let h = StreamHeader::Dial { host: "h".into(), port: 1 };
+        assert_eq!(StreamHeader::parse(&h.encode()).unwrap(), h);
+        let e = StreamHeader::parse(br#"{"kind":"teleport","to":"mars"}"#).unwrap_err();
+        assert!(e.contains("stream kind `teleport` is not known here"), "{e}");
+        let e = StreamHeader::parse(b"nope").unwrap_err();
+        assert!(e.contains("not valid"), "{e}");
     }
 
     #[test]
     fn garbage_is_rejected_with_a_reason() {
         assert_eq!(Frame::decode(&[]), Err(FrameError::Empty));
-        assert_eq!(Frame::decode(&[9, 1, 2]), Err(FrameError::UnknownTag(9)));
-        assert_eq!(Frame::decode(&[2, 0, 0]), Err(FrameError::ShortData));
+        assert_eq!(Frame::decode(&[0x42, 1, 2]), Err(FrameError::UnknownTag(0x42)));
+        assert_eq!(Frame::decode(&[2, 0, 0]), Err(FrameError::Short("data")));
+        assert_eq!(Frame::decode(&[2, 0, 0, 0, 1]), Err(FrameError::EmptyData));
+        assert_eq!(Frame::decode(&[4, 0, 0, 0, 1, 0]), Err(FrameError::Short("open")));
+        assert_eq!(Frame::decode(&[7, 0, 0, 0, 1]), Err(FrameError::Short("window")));
         assert!(matches!(Frame::decode(b"\x01{\"type\":\"nope\"}"), Err(FrameError::BadControl(_))));
-        assert!(matches!(Frame::decode(b"\x01{\"type\":\"credit\""), Err(FrameError::BadControl(_))));
+        assert!(matches!(Frame::decode(b"\x01{\"type\":\"hello\""), Err(FrameError::BadControl(_))));
         // A batch frame: no room for its length, a length past the end, a
         // control message that is not JSON.
         assert_eq!(Frame::decode(&[3, 0, 0]), Err(FrameError::ShortBatch));

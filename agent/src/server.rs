@@ -1,21 +1,26 @@
 //! Accepts sessions (stdio: exactly one; TCP: any number, each in its own
 //! task) and serves each: index requests, batches, app control.
 //!
-//! Per session, one task reads [`Incoming`] and owns the stream table; it
-//! never blocks: indexing runs on a blocking thread, batches go to the apply
-//! worker, commands to the session's post-sync task.
+//! Per session, one task takes what the connection's reader hands over
+//! ([`Incoming`], in wire order); it never blocks: indexing runs on a
+//! blocking thread, batches go to the apply worker, commands to the
+//! session's post-sync task, and the connections of Dial streams to tasks
+//! the session owns (they end with it). A stream of a kind this agent does
+//! not know is refused by the reader; the session goes on.
 
 use crate::{apply, run};
+use devloop_agent::handshake;
 use devloop_agent::index::{self, WalkOptions};
+use devloop_agent::mux::{self, close_code, Accepted, End, Heartbeat, Incoming, Mux as Outbound, Role, Stream};
 use devloop_agent::paths::{self, WirePath};
-use devloop_agent::protocol::{self, CommandSpec, Control, ErrorCode, PROTOCOL_VERSION, STREAM_WINDOW};
-use devloop_agent::transport::{self, close_code, BlockingStreamReader, End, Heartbeat, Incoming, Outbound};
+use devloop_agent::protocol::{CommandSpec, Control, ErrorCode, StreamHeader, PROTOCOL_VERSION};
 use devloop_agent::VERSION;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
@@ -167,19 +172,27 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long a client may take to send its upgrade request.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Serves one session; returns whether it ended cleanly.
 async fn session<S>(io: S, shared: Arc<Shared>, peer: String) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ws = match transport::accept(io, &shared.token, VERSION).await {
-        Ok(ws) => ws,
-        Err(e) => {
+    let (io, rest) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::accept(io, &shared.token, VERSION)).await
+    {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
             eprintln!("devloop-agent: rejected session from {peer}: {e}");
             return false;
         }
+        Err(_) => {
+            eprintln!("devloop-agent: rejected session from {peer}: no upgrade request within {HANDSHAKE_TIMEOUT:?}");
+            return false;
+        }
     };
-    let (out, mut rx) = transport::spawn(ws, Heartbeat::from_env());
+    let (out, mut rx) = mux::spawn(io, rest, Role::Server, Heartbeat::from_env());
     let _ = out.control(Control::Hello {
         agent_version: VERSION.into(),
         protocol: PROTOCOL_VERSION,
@@ -188,11 +201,10 @@ where
     });
     let mut app_events = shared.app.subscribe();
     let post_sync = start_post_sync(shared.clone(), out.clone());
-    // Open streams: small archives are buffered here, large ones piped to
-    // the apply thread as they arrive.
-    let mut streams: HashMap<u32, StreamIn> = HashMap::new();
     // Batches not yet applied or handed over, in arrival order.
     let mut queued: VecDeque<Queued> = VecDeque::new();
+    // The connections this session's streams carry: they end with it.
+    let mut tunnels = tokio::task::JoinSet::new();
     let end = loop {
         let item = tokio::select! {
             item = rx.recv() => item,
@@ -206,143 +218,89 @@ where
                 }
                 continue;
             }
+            Some(_) = tunnels.join_next(), if !tunnels.is_empty() => continue,
         };
         let Some(item) = item else { break End::Eof };
-        match item {
+        let batch = match item {
             Incoming::Ended(e) => break e,
-            Incoming::Data { stream, bytes } => {
-                let Some(state) = streams.get_mut(&stream) else {
-                    let m = format!("data for stream {stream}, which no batch announced");
-                    fatal(&out, &m);
-                    break End::Protocol(m);
-                };
-                let last = bytes.is_empty();
-                // The window binds: what the client may have in flight is
-                // one window beyond what this side has granted. Past that
-                // it is cut off, so what the agent holds for a stream stays
-                // bounded whatever a client sends.
-                state.received += bytes.len() as u64;
-                let granted = state.granted.as_ref().map_or(0, |g| g.load(std::sync::atomic::Ordering::Relaxed));
-                if state.received > granted + STREAM_WINDOW as u64 {
-                    let m = format!(
-                        "stream {stream}: the client sent {} bytes with {} granted; it must wait for credit",
-                        state.received,
-                        granted + STREAM_WINDOW as u64
-                    );
-                    fatal(&out, &m);
-                    break End::Protocol(m);
-                }
-                match &mut state.data {
-                    StreamData::Buffer(buf) if !last && buf.len() + bytes.len() > INLINE_MAX => {
-                        // Too big to hold: stream it to the apply thread.
-                        let (reader, tx, granted) = BlockingStreamReader::new(stream, out.clone());
-                        let _ = tx.send(std::mem::take(buf));
-                        let _ = tx.send(bytes);
-                        if let Some(q) = queued.iter_mut().find(|q| q.stream == Some(stream)) {
-                            q.archive = Some(apply::Archive::Stream(reader));
-                        }
-                        state.data = StreamData::Pipe(tx);
-                        state.granted = Some(granted);
-                    }
-                    StreamData::Buffer(buf) if !last => buf.extend_from_slice(&bytes),
-                    StreamData::Buffer(buf) => {
-                        let bytes = std::mem::take(buf);
-                        if let Some(q) = queued.iter_mut().find(|q| q.stream == Some(stream)) {
-                            q.archive = Some(apply::Archive::Buffered(bytes));
-                        }
-                        streams.remove(&stream);
-                    }
-                    StreamData::Pipe(tx) => {
-                        let _ = tx.send(bytes);
-                        if last {
-                            streams.remove(&stream);
-                        }
-                    }
-                }
-                if !dispatch(&mut queued, &shared) {
-                    fatal(&out, "the apply worker is gone");
-                    break End::Io("apply worker stopped".into());
-                }
+            Incoming::Batch { control: Control::Batch { id, deletes, commands, restart }, archive } => {
+                Some((id, deletes, commands, restart, Some(apply::Archive::Buffered(archive))))
             }
-            Incoming::Batch { control: Control::Batch { id, deletes, stream: None, commands, restart }, archive } => {
-                if archive.len() > protocol::CHUNK_SIZE {
-                    let m = format!("batch {id} came with an archive of {} bytes in one message; larger than {} bytes must be streamed", archive.len(), protocol::CHUNK_SIZE);
-                    fatal(&out, &m);
-                    break End::Protocol(m);
-                }
-                if queued.len() >= MAX_QUEUED_BATCHES {
-                    let m = too_many_batches(id);
-                    fatal(&out, &m);
-                    break End::Protocol(m);
-                }
-                let result = queue_batch(&mut queued, None, deletes, Some(apply::Archive::Buffered(archive)));
-                if !dispatch(&mut queued, &shared) {
-                    fatal(&out, "the apply worker is gone");
-                    break End::Io("apply worker stopped".into());
-                }
-                acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
+            Incoming::Open(Accepted { header: StreamHeader::Batch { id, deletes, commands, restart }, stream }) => {
+                // The agent sends nothing back on it: only the reading half
+                // stays (the apply thread takes it).
+                let (r, _) = stream.into_split();
+                Some((id, deletes, commands, restart, Some(apply::Archive::Stream(r.blocking()))))
             }
-            Incoming::Batch { control, .. } => {
-                let m = format!("only a batch without a stream may come with an archive, not {}", kind_of(&control));
+            Incoming::Open(Accepted { header: StreamHeader::Dial { host, port }, stream }) => {
+                tunnels.spawn(dial(host, port, stream));
+                None
+            }
+            Incoming::Control(Control::Batch { id, deletes, commands, restart }) => {
+                Some((id, deletes, commands, restart, None))
+            }
+            Incoming::Control(Control::IndexRequest { id, under, prune }) => {
+                tokio::spawn(send_index(shared.root.clone(), id, under, prune, out.clone()));
+                None
+            }
+            Incoming::Control(Control::AppConfigure { app }) => {
+                shared.app.configure(app);
+                None
+            }
+            Incoming::Control(other) | Incoming::Batch { control: other, .. } => {
+                let m = format!("unexpected message from a client: {}", kind_of(&other));
                 fatal(&out, &m);
                 break End::Protocol(m);
             }
-            Incoming::Control(c) => match c {
-                Control::IndexRequest { id, under, prune } => {
-                    tokio::spawn(send_index(shared.root.clone(), id, under, prune, out.clone()));
-                }
-                Control::Batch { id, deletes, stream, commands, restart } => {
-                    if queued.len() >= MAX_QUEUED_BATCHES {
-                        let m = too_many_batches(id);
-                        fatal(&out, &m);
-                        break End::Protocol(m);
-                    }
-                    if let Some(s) = stream {
-                        if streams.contains_key(&s) {
-                            let m = format!("batch {id} reuses stream {s}, which is still open");
-                            fatal(&out, &m);
-                            break End::Protocol(m);
-                        }
-                        streams.insert(s, StreamIn::default());
-                    }
-                    let result = queue_batch(&mut queued, stream, deletes, None);
-                    if !dispatch(&mut queued, &shared) {
-                        fatal(&out, "the apply worker is gone");
-                        break End::Io("apply worker stopped".into());
-                    }
-                    acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
-                }
-                Control::AppConfigure { app } => shared.app.configure(app),
-                Control::Credit { .. } => {}
-                other => {
-                    let m = format!("unexpected message from a client: {}", kind_of(&other));
-                    fatal(&out, &m);
-                    break End::Protocol(m);
-                }
-            },
+        };
+        let Some((id, deletes, commands, restart, archive)) = batch else { continue };
+        if queued.len() >= MAX_QUEUED_BATCHES {
+            let m = too_many_batches(id);
+            fatal(&out, &m);
+            break End::Protocol(m);
         }
+        let result = queue_batch(&mut queued, deletes, archive);
+        if !dispatch(&mut queued, &shared) {
+            fatal(&out, "the apply worker is gone");
+            break End::Io("apply worker stopped".into());
+        }
+        acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
     };
+    tunnels.abort_all();
     let clean =
         matches!(end, End::Closed { code: close_code::NORMAL, .. } | End::Closed { code: close_code::SHUTDOWN, .. });
     if !clean {
         eprintln!("devloop-agent: session {peer} ended: {end}");
     }
-    // Dropping the stream senders ends any half-received archive with an
-    // error: its files stay as they were (temporaries are removed).
-    drop(streams);
     clean
 }
 
-/// Queues a batch (its archive to come on `stream`, or given); returns
-/// where its outcome arrives.
+/// How long connecting for a Dial stream may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `host:port` from here and carries the connection over the
+/// stream; a connection that cannot be made refuses the stream, saying why.
+async fn dial(host: String, port: u16, stream: Stream) {
+    match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+        Ok(Ok(tcp)) => {
+            mux::splice(stream, tcp).await;
+        }
+        Ok(Err(e)) => stream.reset(&format!("cannot connect to {host}:{port} from the agent: {e}")),
+        Err(_) => {
+            stream.reset(&format!("cannot connect to {host}:{port} from the agent: no answer in {DIAL_TIMEOUT:?}"))
+        }
+    }
+}
+
+/// Queues a batch (with its archive, if it has one); returns where its
+/// outcome arrives.
 fn queue_batch(
     queued: &mut VecDeque<Queued>,
-    stream: Option<u32>,
     deletes: Vec<WirePath>,
     archive: Option<apply::Archive>,
 ) -> tokio::sync::oneshot::Receiver<apply::Outcome> {
     let (done, result) = tokio::sync::oneshot::channel();
-    queued.push_back(Queued { stream, deletes, archive, done });
+    queued.push_back(Queued { deletes, archive, done });
     result
 }
 
@@ -372,55 +330,24 @@ fn acknowledge(
     });
 }
 
-/// Archives up to this size are collected in memory and, when nothing else
-/// is being applied, applied right here: a single edit then costs no
-/// hand-over to another thread.
-const INLINE_MAX: usize = 1 << 20;
-
-/// The receiving state of one stream.
-#[derive(Default)]
-struct StreamIn {
-    data: StreamData,
-    /// Bytes received on it so far.
-    received: u64,
-    /// Credit its reader has granted beyond the first window (none while
-    /// it is buffered here: a buffer is at most [`INLINE_MAX`]).
-    granted: Option<Arc<std::sync::atomic::AtomicU64>>,
-}
-
-enum StreamData {
-    Buffer(Vec<u8>),
-    Pipe(mpsc::UnboundedSender<Vec<u8>>),
-}
-
-impl Default for StreamData {
-    fn default() -> StreamData {
-        StreamData::Buffer(Vec::new())
-    }
-}
-
 /// Batches a session may have announced and not yet had applied. devloop
 /// sends one at a time (it awaits each acknowledgement); a client that
 /// piles up more is cut off, so what it makes the agent hold is bounded.
 const MAX_QUEUED_BATCHES: usize = 16;
 
-/// A batch waiting for its archive or for its turn.
+/// A batch waiting for its turn.
 struct Queued {
-    stream: Option<u32>,
     deletes: Vec<WirePath>,
     archive: Option<apply::Archive>,
     done: tokio::sync::oneshot::Sender<apply::Outcome>,
 }
 
-/// Applies or hands over queued batches, in order, as far as their archives
-/// allow. Returns false if the apply thread is gone.
+/// Applies or hands over queued batches, in order. A small one (its
+/// archive in memory) is applied right here when nothing else is being
+/// applied: a single edit then costs no hand-over to another thread.
+/// Returns false if the apply thread is gone.
 fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
-    while let Some(q) = queued.front() {
-        let ready = q.stream.is_none() || q.archive.is_some();
-        if !ready {
-            break;
-        }
-        let q = queued.pop_front().expect("front exists");
+    while let Some(q) = queued.pop_front() {
         let small = !matches!(q.archive, Some(apply::Archive::Stream(_)));
         if small && shared.apply.idle() {
             let out = apply::apply(&shared.root, q.deletes, q.archive);

@@ -7,8 +7,8 @@
 use super::plan::Plan;
 use super::scan::Unknown;
 use super::{Engine, LiveEnd, SyncError};
+use crate::client::AgentClient;
 use crate::events::Kind;
-use crate::link::Link;
 use crate::watch::Change;
 use devloop_agent::index::{self, ScanFailed};
 use devloop_agent::paths::WirePath;
@@ -35,7 +35,7 @@ impl Engine {
     /// The live loop: watch, examine, send, until shutdown or the link ends.
     pub async fn live(
         &mut self,
-        link: &mut Link,
+        link: &AgentClient,
         changes: &mut mpsc::Receiver<Change>,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<LiveEnd, SyncError> {

@@ -438,7 +438,7 @@ pub async fn start(ep: &PodEndpoint, token: &str, rep: &Reporter) -> Result<Star
                 rep.send(Kind::Warning {
                     message: format!(
                         "{}; using the exec stream instead (set `transport: exec` to skip trying)",
-                        crate::session::error_chain(&e)
+                        crate::error::chain(&e)
                     ),
                 });
                 ep.forward_refused.store(true, Ordering::Relaxed);

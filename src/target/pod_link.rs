@@ -143,7 +143,7 @@ impl Forwarded {
                 Some(io)
             }
             Err(e) => {
-                rep.send(Kind::Warning { message: crate::session::error_chain(&e) });
+                rep.send(Kind::Warning { message: crate::error::chain(&e) });
                 None
             }
         }

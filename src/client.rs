@@ -1,0 +1,356 @@
+//! The CLI's end of a session with one agent: [`AgentClient`], a cloneable
+//! handle that every consumer of the session shares (the sync engine, the
+//! intercept, commands from the dashboard).
+//!
+//! [`AgentClient::open`] does the handshake and waits for the agent's
+//! `Hello`; then one task (the dispatcher) owns the incoming side: it
+//! answers pending requests (index parts, batch acknowledgements) and
+//! turns the agent's reports (command and app output, app state) into
+//! events. Acknowledgements are registered in a small shared table rather
+//! than sent to the dispatcher: a request would wake the dispatcher as
+//! well as the writer, and two tasks woken at once make tokio wake a
+//! second worker thread, on an edit's critical path.
+
+use crate::events::{Kind, Reporter};
+use crate::target::Io;
+use devloop_agent::handshake::{self, ConnectError};
+use devloop_agent::mux::{self, close_code, End, Heartbeat, Incoming, Mux, Role, Stream, StreamWriter};
+use devloop_agent::paths::WirePath;
+use devloop_agent::protocol::{
+    AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream, StreamHeader, CHUNK_SIZE,
+    STREAM_WINDOW, TCP_WINDOW,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How long the agent gets to answer the handshake and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("the agent did not answer within {0:?} (is the target command right? its output is above)")]
+    Timeout(Duration),
+    #[error("connection to the agent lost: {0}")]
+    Lost(String),
+    #[error("the agent said: {0}")]
+    Agent(String),
+}
+
+impl ClientError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ClientError::Connect(_) => Some("install matching versions of devloop and devloop-agent".into()),
+            ClientError::Timeout(_) | ClientError::Lost(_) => {
+                Some("the agent's own messages (agent: ...) above say why; check target in devloop.yaml".into())
+            }
+            ClientError::Agent(_) => None,
+        }
+    }
+}
+
+impl From<ConnectError> for ClientError {
+    fn from(e: ConnectError) -> ClientError {
+        ClientError::Connect(crate::error::chain(&e))
+    }
+}
+
+/// The agent's answer to a batch.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub written: u64,
+    pub deleted: u64,
+    pub bytes: u64,
+    pub errors: Vec<PathError>,
+    pub apply_us: u64,
+}
+
+type IndexReply = oneshot::Sender<Result<Vec<Entry>, ClientError>>;
+type BatchReply = oneshot::Sender<Result<Applied, ClientError>>;
+
+/// Batches awaiting their acknowledgement; `None` once the dispatcher has
+/// ended (a registration then fails instead of waiting forever).
+type AckTable = Arc<Mutex<Option<HashMap<u64, BatchReply>>>>;
+
+fn lock(t: &AckTable) -> std::sync::MutexGuard<'_, Option<HashMap<u64, BatchReply>>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a batch's acknowledgement arrives.
+pub type PendingAck = oneshot::Receiver<Result<Applied, ClientError>>;
+
+/// A session with one agent. Clones share it.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    mux: Mux,
+    index_req: mpsc::UnboundedSender<(u64, IndexReply)>,
+    acks: AckTable,
+    next_id: AtomicU64,
+    ended: watch::Receiver<Option<String>>,
+    agent_version: String,
+    pid: u32,
+    root: String,
+}
+
+impl AgentClient {
+    /// Handshake, hello, and the dispatcher task.
+    pub async fn open(io: Box<dyn Io>, token: &str, rep: Reporter) -> Result<AgentClient, ClientError> {
+        let (io, rest, agent_version) = tokio::time::timeout(HELLO_TIMEOUT, handshake::connect(io, token))
+            .await
+            .map_err(|_| ClientError::Timeout(HELLO_TIMEOUT))??;
+        let (mux, mut rx) = mux::spawn(io, rest, Role::Client, Heartbeat::from_env());
+        let first =
+            tokio::time::timeout(HELLO_TIMEOUT, rx.recv()).await.map_err(|_| ClientError::Timeout(HELLO_TIMEOUT))?;
+        let (pid, root) = match first {
+            Some(Incoming::Control(Control::Hello { pid, root, .. })) => (pid, root),
+            Some(Incoming::Ended(e)) => return Err(ClientError::Lost(e.to_string())),
+            Some(Incoming::Control(Control::Error { message, .. })) => return Err(ClientError::Agent(message)),
+            other => return Err(ClientError::Lost(format!("expected hello, got {other:?}"))),
+        };
+        let (index_req, index_rx) = mpsc::unbounded_channel();
+        let (ended_tx, ended) = watch::channel(None);
+        let acks: AckTable = Arc::new(Mutex::new(Some(HashMap::new())));
+        tokio::spawn(dispatch(rx, index_rx, acks.clone(), mux.clone(), rep, ended_tx));
+        let inner = Inner { mux, index_req, acks, next_id: AtomicU64::new(1), ended, agent_version, pid, root };
+        Ok(AgentClient { inner: Arc::new(inner) })
+    }
+
+    pub fn agent_version(&self) -> &str {
+        &self.inner.agent_version
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.inner.pid
+    }
+
+    pub fn root(&self) -> &str {
+        &self.inner.root
+    }
+
+    fn id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Asks the agent for the index of these root-relative trees.
+    pub async fn index(&self, under: Vec<WirePath>, prune: Vec<WirePath>) -> Result<Vec<Entry>, ClientError> {
+        let id = self.id();
+        let (reply, rx) = oneshot::channel();
+        // Registered before the request is sent (the dispatcher takes
+        // registrations before incoming messages), so before its answer.
+        self.inner.index_req.send((id, reply)).map_err(|_| self.lost())?;
+        self.inner.mux.control(Control::IndexRequest { id, under, prune }).map_err(|_| self.lost())?;
+        rx.await.map_err(|_| self.lost())?
+    }
+
+    /// Registers a batch's acknowledgement before the batch is sent.
+    fn expect_ack(&self, id: u64) -> Result<PendingAck, ClientError> {
+        let (reply, applied) = oneshot::channel();
+        match lock(&self.inner.acks).as_mut() {
+            Some(t) => t.insert(id, reply),
+            None => return Err(self.lost()),
+        };
+        Ok(applied)
+    }
+
+    /// A batch with no archive (deletions, commands, a restart).
+    pub fn batch(
+        &self,
+        deletes: Vec<WirePath>,
+        commands: Vec<CommandSpec>,
+        restart: bool,
+    ) -> Result<PendingAck, ClientError> {
+        let id = self.id();
+        let applied = self.expect_ack(id)?;
+        self.inner.mux.control(Control::Batch { id, deletes, commands, restart }).map_err(|_| self.lost())?;
+        Ok(applied)
+    }
+
+    /// A batch whose archive is written to the returned stream (and
+    /// finished with `shutdown`), then acknowledged.
+    pub fn stream_batch(
+        &self,
+        deletes: Vec<WirePath>,
+        commands: Vec<CommandSpec>,
+        restart: bool,
+    ) -> Result<(StreamWriter, PendingAck), ClientError> {
+        let id = self.id();
+        let applied = self.expect_ack(id)?;
+        let header = StreamHeader::Batch { id, deletes, commands, restart };
+        let stream = self.inner.mux.open(&header, STREAM_WINDOW).map_err(|_| self.lost())?;
+        Ok((stream.into_split().1, applied))
+    }
+
+    /// Sends a batch with an archive built in memory: one frame when it
+    /// fits a chunk (an edit), else a stream. Returns the acknowledgement.
+    pub async fn inline_batch(
+        &self,
+        deletes: Vec<WirePath>,
+        commands: Vec<CommandSpec>,
+        restart: bool,
+        archive: &[u8],
+    ) -> Result<PendingAck, ClientError> {
+        if archive.len() <= CHUNK_SIZE {
+            let id = self.id();
+            let applied = self.expect_ack(id)?;
+            let batch = Control::Batch { id, deletes, commands, restart };
+            self.inner.mux.batch_with_archive(&batch, archive).map_err(|_| self.lost())?;
+            return Ok(applied);
+        }
+        let (mut w, applied) = self.stream_batch(deletes, commands, restart)?;
+        let sent = async {
+            w.write_all(archive).await?;
+            w.shutdown().await
+        };
+        sent.await.map_err(|e| ClientError::Lost(e.to_string()))?;
+        Ok(applied)
+    }
+
+    /// Opens a connection to `host:port` from the agent's side.
+    pub fn dial(&self, host: &str, port: u16) -> Result<Stream, ClientError> {
+        let header = StreamHeader::Dial { host: host.to_string(), port };
+        self.inner.mux.open(&header, TCP_WINDOW).map_err(|_| self.lost())
+    }
+
+    /// Sets (or clears) the app the agent runs.
+    pub fn configure_app(&self, app: Option<AppSpec>) {
+        let _ = self.inner.mux.control(Control::AppConfigure { app });
+    }
+
+    /// Resolves when the session has ended, with the reason.
+    pub async fn ended(&self) -> String {
+        let mut ended = self.inner.ended.clone();
+        loop {
+            if let Some(r) = ended.borrow().clone() {
+                return r;
+            }
+            if ended.changed().await.is_err() {
+                return "connection closed".into();
+            }
+        }
+    }
+
+    /// True once the session has ended.
+    pub fn is_ended(&self) -> bool {
+        self.inner.ended.borrow().is_some()
+    }
+
+    /// Closes the session normally.
+    pub fn close(&self) {
+        self.inner.mux.close(close_code::NORMAL, "");
+    }
+
+    fn lost(&self) -> ClientError {
+        ClientError::Lost(self.inner.ended.borrow().clone().unwrap_or_else(|| "connection closed".into()))
+    }
+}
+
+async fn dispatch(
+    mut rx: mpsc::Receiver<Incoming>,
+    mut index_req: mpsc::UnboundedReceiver<(u64, IndexReply)>,
+    acks: AckTable,
+    mux: Mux,
+    rep: Reporter,
+    ended: watch::Sender<Option<String>>,
+) {
+    let mut indexes: HashMap<u64, (Vec<Entry>, IndexReply)> = HashMap::new();
+    let end: String = loop {
+        tokio::select! {
+            // Requests first: a request is always registered before the
+            // agent can answer it.
+            biased;
+            r = index_req.recv() => match r {
+                Some((id, reply)) => { indexes.insert(id, (Vec::new(), reply)); }
+                // Every handle was dropped: close the session.
+                None => {
+                    mux.close(close_code::NORMAL, "");
+                    break "closed by devloop".to_string();
+                }
+            },
+            item = rx.recv() => match item {
+                None => break End::Eof.to_string(),
+                Some(Incoming::Ended(e)) => break e.to_string(),
+                Some(Incoming::Batch { .. }) => {
+                    mux.close(close_code::PROTOCOL, "unexpected batch from the agent");
+                    break "the agent sent a batch, which only devloop sends".to_string();
+                }
+                Some(Incoming::Open(a)) => {
+                    // Nothing on this side accepts streams the agent opens
+                    // (yet): refused, the session goes on.
+                    a.stream.reset(&format!("devloop does not accept {:?} streams", a.header));
+                }
+                Some(Incoming::Control(c)) => match c {
+                    Control::IndexPart { id, entries, done } => {
+                        if let Some((acc, _)) = indexes.get_mut(&id) {
+                            acc.extend(entries);
+                        }
+                        if done {
+                            if let Some((acc, reply)) = indexes.remove(&id) {
+                                let _ = reply.send(Ok(acc));
+                            }
+                        }
+                    }
+                    Control::Applied { id, written, deleted, bytes, errors, apply_us } => {
+                        if let Some(reply) = lock(&acks).as_mut().and_then(|t| t.remove(&id)) {
+                            let _ = reply.send(Ok(Applied { written, deleted, bytes, errors, apply_us }));
+                        }
+                    }
+                    Control::Error { message, fatal: true, .. } => {
+                        rep.send(Kind::Error { message: format!("agent: {message}"), hint: None });
+                    }
+                    // An error that answers a request fails that request
+                    // only; any other is reported and the session goes on.
+                    Control::Error { message, request: Some(id), .. } if indexes.contains_key(&id) => {
+                        if let Some((_, reply)) = indexes.remove(&id) {
+                            let _ = reply.send(Err(ClientError::Agent(message)));
+                        }
+                    }
+                    other => report(&rep, other),
+                },
+            },
+        }
+    };
+    for (_, (_, reply)) in indexes.drain() {
+        let _ = reply.send(Err(ClientError::Lost(end.clone())));
+    }
+    let registered = lock(&acks).take().unwrap_or_default();
+    for (_, reply) in registered {
+        let _ = reply.send(Err(ClientError::Lost(end.clone())));
+    }
+    let _ = ended.send(Some(end));
+}
+
+fn report(rep: &Reporter, c: Control) {
+    match c {
+        Control::CommandStarted { command, .. } => rep.send(Kind::CommandStarted { command }),
+        Control::CommandExited { command, code, ms, .. } => rep.send(Kind::CommandExited { command, code, ms }),
+        Control::Output { source, stream, line } => {
+            let stream = match stream {
+                StdStream::Stdout => "stdout",
+                StdStream::Stderr => "stderr",
+            }
+            .to_string();
+            match source {
+                OutputSource::App => rep.send(Kind::AppOutput { stream, line }),
+                OutputSource::Command { command, .. } => rep.send(Kind::CommandOutput { command, stream, line }),
+            }
+        }
+        Control::App { state } => rep.send(match state {
+            AppState::Started { pid } => Kind::AppStarted { pid },
+            AppState::Exited { code } => Kind::AppExited { code },
+            AppState::Stopped => Kind::AppStopped,
+            AppState::FailedToStart { message } => Kind::AppFailed { message },
+        }),
+        Control::Error { message, .. } => rep.send(Kind::Warning { message: format!("agent: {message}") }),
+        _ => {}
+    }
+}
