@@ -702,10 +702,10 @@ fn echo_floor(ns: &str, n: usize) -> (f64, f64) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let config = kube::Config::infer().await.unwrap();
-        let client = devloop::target::kubernetes::client_with_nodelay(config).unwrap();
+        let client = devloop::endpoint::kubernetes::client_with_nodelay(config).unwrap();
         let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
         let list = pods.list(&Default::default()).await.unwrap();
-        let pod = list.items.into_iter().find(devloop::target::kubernetes::is_ready).unwrap().metadata.name.unwrap();
+        let pod = list.items.into_iter().find(devloop::endpoint::kubernetes::is_ready).unwrap().metadata.name.unwrap();
         let mut pf = pods.portforward(&pod, &[9000]).await.unwrap();
         let mut s = pf.take_stream(9000).unwrap();
         let msg = vec![b'x'; 1024];

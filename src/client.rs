@@ -11,8 +11,8 @@
 //! well as the writer, and two tasks woken at once make tokio wake a
 //! second worker thread, on an edit's critical path.
 
+use crate::endpoint::Io;
 use crate::events::{Kind, Reporter};
-use crate::target::Io;
 use devloop_agent::handshake::{self, ConnectError};
 use devloop_agent::mux::{self, close_code, End, Heartbeat, Incoming, Mux, Role, Stream, StreamWriter};
 use devloop_agent::paths::WirePath;
@@ -219,6 +219,11 @@ impl AgentClient {
     pub fn dial(&self, host: &str, port: u16) -> Result<Stream, ClientError> {
         let header = StreamHeader::Dial { host: host.to_string(), port };
         self.inner.mux.open(&header, TCP_WINDOW).map_err(|_| self.lost())
+    }
+
+    /// Restarts the app the agent runs.
+    pub fn restart_app(&self) -> Result<(), ClientError> {
+        self.inner.mux.control(Control::AppRestart {}).map_err(|_| self.lost())
     }
 
     /// Sets (or clears) the app the agent runs.

@@ -9,8 +9,8 @@
 //! workload.
 
 use crate::config::{Service, Target};
-use crate::target::kubernetes::{self, Cluster, KubeError};
-use crate::target::{helper, workload};
+use crate::endpoint::kubernetes::{self, Cluster, KubeError};
+use crate::endpoint::{helper, workload};
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use kube::api::{Api, PostParams};
 
@@ -134,7 +134,7 @@ pub fn minimal_role(ns: &str, needs: &[&Need]) -> String {
 pub async fn check(svc: &Service) -> bool {
     println!("{}: {}", svc.name, svc.target.describe());
     match &svc.target {
-        Target::Local { .. } | Target::Exec { .. } => match crate::target::local::agent_binary() {
+        Target::Local { .. } | Target::Exec { .. } => match crate::endpoint::local::agent_binary() {
             Ok(p) => {
                 println!("  ok    agent binary {}", p.display());
                 true

@@ -1,22 +1,54 @@
-//! The event bus: every part reports what happens as an [`Event`]; the
-//! front-ends (plain lines, NDJSON, later the dashboard) only subscribe.
+//! What happens, as typed events: every part reports an [`Event`] through a
+//! [`Reporter`]; the hub (`hub.rs`) keeps the state they add up to and
+//! hands them to the front-ends (plain lines, NDJSON, the dashboard, the
+//! control socket), which only subscribe.
 //!
 //! The NDJSON form (`--json`) is a stable interface for editors and scripts,
-//! documented in `docs/events.md`: one object per line with `ts` (Unix
-//! milliseconds), `service` and `type`; fields are only ever added.
+//! documented in `docs/events.md` (a test keeps the two in step): one object
+//! per line with `ts` (Unix milliseconds), `service` and `type`; fields are
+//! only ever added.
 
 use serde::Serialize;
 use std::io::Write;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// One thing that happened, to one service (or to devloop itself when
-/// `service` is empty).
-#[derive(Debug, Clone, Serialize)]
+/// `service` is empty), and within it to one pod's session and container
+/// when there are several.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub ts: u64,
     pub service: String,
-    #[serde(flatten)]
+    pub pod: Option<String>,
+    pub container: Option<String>,
     pub kind: Kind,
+}
+
+/// The NDJSON form. `service` keeps the form it had before pods were their
+/// own field (`NAME/POD` for a pod's events), so nothing that read it
+/// breaks; `pod` and `container` say the same separately.
+#[derive(Serialize)]
+struct Wire<'a> {
+    ts: u64,
+    service: std::borrow::Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a str>,
+    #[serde(flatten)]
+    kind: &'a Kind,
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let service = match &self.pod {
+            Some(p) => format!("{}/{p}", self.service).into(),
+            None => self.service.as_str().into(),
+        };
+        Wire { ts: self.ts, service, pod: self.pod.as_deref(), container: self.container.as_deref(), kind: &self.kind }
+            .serialize(s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -69,6 +101,16 @@ pub enum Kind {
         deleted: u64,
         bytes: u64,
         latency_ms: f64,
+        /// The batch's first paths (written, then deleted), at most 20.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        paths: Vec<String>,
+    },
+    /// The first sync's progress, after each of its batches.
+    SyncProgress {
+        files_done: u64,
+        files_total: u64,
+        bytes_done: u64,
+        bytes_total: u64,
     },
     /// One path could not be synced. A name that is not UTF-8 is shown
     /// with replacement characters, and `path_not_utf8` says so.
@@ -129,28 +171,57 @@ pub enum Kind {
         message: String,
         hint: Option<String>,
     },
+    /// The agent is being copied into a pod's container.
+    AgentInjecting {
+        bytes: u64,
+    },
+    /// An action asked of a running devloop (resync, restart, run a
+    /// command) was carried out, or not: `message` says what happened.
+    ActionDone {
+        action: String,
+        ok: bool,
+        message: String,
+    },
+    /// A subscriber fell behind and lost this many events.
+    EventsLost {
+        count: u64,
+    },
 }
 
-/// Sends events for one service.
+/// Sends events for one service (and one of its pods).
 #[derive(Clone)]
 pub struct Reporter {
-    service: String,
+    service: Arc<str>,
+    pod: Option<Arc<str>>,
     tx: mpsc::UnboundedSender<Event>,
 }
 
 impl Reporter {
     pub fn new(service: &str, tx: mpsc::UnboundedSender<Event>) -> Reporter {
-        Reporter { service: service.to_string(), tx }
+        Reporter { service: service.into(), pod: None, tx }
     }
 
-    /// A reporter for one part of this service (a pod), named
-    /// `service/part` in events.
-    pub fn for_part(&self, part: &str) -> Reporter {
-        Reporter { service: format!("{}/{part}", self.service), tx: self.tx.clone() }
+    /// A reporter for one pod of this service.
+    pub fn for_pod(&self, pod: &str) -> Reporter {
+        Reporter { service: self.service.clone(), pod: Some(pod.into()), tx: self.tx.clone() }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    pub fn pod(&self) -> Option<&str> {
+        self.pod.as_deref()
     }
 
     pub fn send(&self, kind: Kind) {
-        let _ = self.tx.send(Event { ts: now_ms(), service: self.service.clone(), kind });
+        let _ = self.tx.send(Event {
+            ts: now_ms(),
+            service: self.service.to_string(),
+            pod: self.pod.as_deref().map(String::from),
+            container: None,
+            kind,
+        });
     }
 }
 
@@ -165,31 +236,44 @@ pub enum Format {
     Json,
 }
 
-/// Prints events until every sender is gone. Returns how many errors (sync
-/// errors and failures) were seen, for the exit code.
-pub async fn print(mut rx: mpsc::UnboundedReceiver<Event>, format: Format) -> u64 {
-    let mut errors = 0;
-    while let Some(ev) = rx.recv().await {
-        if matches!(ev.kind, Kind::SyncError { .. } | Kind::Error { .. }) {
-            errors += 1;
-        }
+/// Prints every event, as it comes, until the hub closes. A printer that
+/// falls behind the hub's buffer (stdout blocked for long) loses the events
+/// it missed: it says how many (an `events_lost` line), and goes on with
+/// the next.
+pub async fn print(mut rx: tokio::sync::broadcast::Receiver<Arc<Event>>, format: Format) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(RecvError::Closed) => break,
+            Err(RecvError::Lagged(n)) => Arc::new(Event {
+                ts: now_ms(),
+                service: String::new(),
+                pod: None,
+                container: None,
+                kind: Kind::EventsLost { count: n },
+            }),
+        };
         let mut out = std::io::stdout().lock();
         let _ = match format {
             Format::Json => {
                 // Plain data: serializing it cannot fail.
-                serde_json::to_writer(&mut out, &ev).expect("event serializes");
+                serde_json::to_writer(&mut out, &*ev).expect("event serializes");
                 writeln!(out)
             }
             Format::Plain => writeln!(out, "{}", plain(&ev)),
         };
         let _ = out.flush();
     }
-    errors
 }
 
 /// One human-readable line.
 pub fn plain(ev: &Event) -> String {
-    let who = if ev.service.is_empty() { "devloop".to_string() } else { ev.service.clone() };
+    let who = match (&ev.pod, ev.service.is_empty()) {
+        (_, true) => "devloop".to_string(),
+        (Some(p), false) => format!("{}/{p}", ev.service),
+        (None, false) => ev.service.clone(),
+    };
     let body = match &ev.kind {
         Kind::AgentStarting { target } => format!("starting agent on {target}"),
         Kind::AgentConnected { agent_version, pid, root, via } => {
@@ -233,6 +317,16 @@ pub fn plain(ev: &Event) -> String {
         Kind::PodLog { line } => format!("log | {line}"),
         Kind::WorkloadChanged { workload, change } => format!("{workload}: {change}"),
         Kind::Warning { message } => format!("warning: {message}"),
+        Kind::SyncProgress { files_done, files_total, bytes_done, bytes_total } => format!(
+            "initial sync: {files_done}/{files_total} files, {} of {}",
+            human_bytes(*bytes_done),
+            human_bytes(*bytes_total)
+        ),
+        Kind::AgentInjecting { bytes } => format!("copying the agent into the pod ({})", human_bytes(*bytes)),
+        Kind::ActionDone { action, ok, message } => {
+            format!("{action}: {}{message}", if *ok { "" } else { "failed: " })
+        }
+        Kind::EventsLost { count } => format!("(fell behind: {count} events not shown)"),
         Kind::Error { message, hint } => match hint {
             Some(h) => format!("error: {message}\n  hint: {h}"),
             None => format!("error: {message}"),

@@ -3,29 +3,39 @@
 //! How a change travels, and where each step lives:
 //!
 //! ```text
-//! devloop.yaml ─► config ─► session (one per service: start agent, sync, reconnect)
+//! devloop.yaml ─► config ─► service (one per service: one session, or one per ready pod)
 //!                              │
-//! source tree ─► watch ─► filter ─► sync (engine: model of the target, dirty
-//!                                    │    paths compared by content, batches)
+//!                           session (per endpoint, named tasks under one owner):
+//!                              ├─ supervisor: start the agent, keep it connected,
+//!                              │  publish the current client
+//!                              └─ sync: model of the target, dirty paths compared
+//!                                 by content, batches   ◄── source tree ─► watch ─► filter
+//!                                    │
+//!                        client (the cloneable handle on one agent session)
+//!                                    │  one connection, many streams (agent's mux)
+//!                        endpoint (local child | exec command | kubernetes pod)
 //!                                    ▼
-//!                        link (the CLI end of one agent session)
-//!                                    │  WebSocket over the target's stream
-//!                        target (local child | exec command | kubernetes)
-//!                                    ▼
-//!                        devloop-agent (agent/): apply, run, tunnel
+//!                        devloop-agent (agent/): apply, run, dial
 //! ```
 //!
-//! Everything reports through [`events`]; front-ends (plain lines, NDJSON)
-//! only print what they receive. The wire protocol lives in the agent's
-//! library (`devloop_agent::protocol`) so the two sides cannot disagree.
+//! Everything reports through [`events`] to the [`hub`], which keeps the
+//! [`state`] and hands events to the front-ends (plain lines, NDJSON), and
+//! carries actions (resync, restart, run a command) back to the services.
+//! The wire protocol lives in the agent's library
+//! (`devloop_agent::protocol`) so the two sides cannot disagree.
 
 pub mod client;
 pub mod config;
 pub mod doctor;
+pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod filter;
+pub mod hub;
+pub mod service;
 pub mod session;
+pub mod state;
+pub mod supervisor;
 pub mod sync;
-pub mod target;
+pub mod tasks;
 pub mod watch;

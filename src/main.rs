@@ -2,10 +2,13 @@
 
 use clap::{Parser, Subcommand};
 use devloop::config::{self, Config};
-use devloop::events::{self, Format, Kind, Reporter};
-use devloop::session::{self, Mode, Outcome};
+use devloop::events::{self, Format, Kind};
+use devloop::service;
+use devloop::session::{Mode, Outcome};
+use devloop::tasks::Tasks;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 /// Exit codes, documented in the README: editors and scripts rely on them.
 mod exit {
@@ -216,40 +219,46 @@ fn report_fatal(format: Format, message: &str, hint: Option<&str>, cfg: Option<&
 }
 
 async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
-    let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
-    let printer = tokio::spawn(events::print(ev_rx, format));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let hub = devloop::hub::start();
+    let Some((_, events)) = hub.subscribe().await else { return exit::INTERNAL };
+    let printer = tokio::spawn(events::print(events, format));
+    let cancel = CancellationToken::new();
     // Ctrl-C and SIGTERM stop every service cleanly.
-    let signals = tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-            let _ = stop_tx.send(true);
+    let signals = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                cancel.cancel();
+            }
         }
     });
-    let mut tasks = Vec::new();
+    let mut services: Tasks<Outcome> = Tasks::new(cancel.clone(), hub.reporter(""));
+    let mut reporters = std::collections::HashMap::new();
     for svc in cfg.services {
-        let rep = Reporter::new(&svc.name, ev_tx.clone());
-        let name = svc.name.clone();
-        tasks.push((name, tokio::spawn(session::run(svc, mode, rep, stop_rx.clone()))));
+        let rep = hub.reporter(&svc.name);
+        let actions = hub.register(&svc.name);
+        let name = format!("the session of service {}", svc.name);
+        reporters.insert(name.clone(), rep.clone());
+        services.spawn(name, service::run(svc, mode, rep, cancel.child_token(), actions));
     }
     let mut code = exit::OK;
-    for (name, t) in tasks {
-        let rep = Reporter::new(&name, ev_tx.clone());
-        let outcome = session::joined(&rep, &format!("the session of service {name}"), t.await);
+    while let Some((name, outcome)) = services.next().await {
+        let outcome = outcome.unwrap_or(Outcome::Panicked);
         let c = match outcome {
             Outcome::InSync | Outcome::Stopped => exit::OK,
             Outcome::PathErrors(_) => exit::NOT_IN_SYNC,
             Outcome::Unreachable => exit::UNREACHABLE,
             Outcome::Panicked => exit::INTERNAL,
         };
-        if let Some(message) = outcome.describe() {
+        if let (Some(message), Some(rep)) = (outcome.describe(), reporters.get(&name)) {
             rep.send(Kind::Warning { message });
         }
         code = code.max(c);
     }
     signals.abort();
-    drop(ev_tx);
+    hub.close().await;
     let _ = printer.await;
     code
 }

@@ -63,6 +63,17 @@ type TargetShapes = HashMap<WirePath, (EntryKind, u64, u32)>;
 pub enum LiveEnd {
     Shutdown,
     Lost(String),
+    /// A full resync was asked for; the answer goes here once it is done.
+    Resync(tokio::sync::oneshot::Sender<crate::hub::Answer>),
+}
+
+/// How the app is restarted after a sync: the agent restarts the app it
+/// runs, or a post-sync command does, which the endpoint gives (the
+/// Kubernetes restart wrapper's signal to the container's own process).
+#[derive(Debug, Clone)]
+pub enum Restart {
+    Agent,
+    Command(CommandSpec),
 }
 
 /// Why a sync could not go on.
@@ -89,6 +100,8 @@ pub struct Engine {
     /// The names of each file that has several (hard links), by device
     /// and inode.
     links: HashMap<(u64, u64), Vec<PathBuf>>,
+    /// How the app is restarted, if there is one to restart.
+    restart: Option<Restart>,
 }
 
 /// What one batch achieved.
@@ -97,8 +110,9 @@ pub struct BatchOutcome {
 }
 
 impl Engine {
-    /// `watch` is None for a one-shot sync.
-    pub fn new(svc: Service, rep: Reporter, watch: Option<Watch>) -> Engine {
+    /// `watch` is None for a one-shot sync; `restart` says how the
+    /// endpoint restarts the app (None: there is no app to restart).
+    pub fn new(svc: Service, rep: Reporter, watch: Option<Watch>, restart: Option<Restart>) -> Engine {
         let rules = svc
             .rules
             .iter()
@@ -118,6 +132,7 @@ impl Engine {
             batches: 0,
             unread: BTreeMap::new(),
             links: HashMap::new(),
+            restart,
         };
         let warnings: Vec<String> = e.rules.iter_mut().flat_map(|r| std::mem::take(&mut r.filter.warnings)).collect();
         for w in warnings {
@@ -134,6 +149,41 @@ impl Engine {
 
     pub fn service(&self) -> &Service {
         &self.svc
+    }
+
+    /// Whether syncs restart the app (`app.restart`).
+    fn restarts_app(&self) -> bool {
+        self.svc.app.as_ref().is_some_and(|a| a.restart)
+    }
+
+    /// Restarts the app now (an action).
+    pub async fn restart_now(&self, link: &AgentClient) -> crate::hub::Answer {
+        match &self.restart {
+            Some(Restart::Agent) => {
+                link.restart_app().map_err(|e| e.to_string())?;
+                Ok("the app is restarting".into())
+            }
+            Some(Restart::Command(c)) => {
+                let applied = link.batch(Vec::new(), vec![c.clone()], false).map_err(|e| e.to_string())?;
+                applied.await.map_err(|_| "the connection closed".to_string())?.map_err(|e| e.to_string())?;
+                Ok("the container's process is restarting".into())
+            }
+            None => Err(format!("service `{}` has no app to restart (add `app:`)", self.svc.name)),
+        }
+    }
+
+    /// Runs one of the service's post-sync commands now (an action).
+    pub async fn run_now(&self, link: &AgentClient, index: usize) -> crate::hub::Answer {
+        let Some(t) = self.svc.on_sync.get(index) else {
+            return Err(format!(
+                "service `{}` has {} on_sync command(s); there is no [{index}]",
+                self.svc.name,
+                self.svc.on_sync.len()
+            ));
+        };
+        let applied = link.batch(Vec::new(), vec![t.command.clone()], false).map_err(|e| e.to_string())?;
+        applied.await.map_err(|_| "the connection closed".to_string())?.map_err(|e| e.to_string())?;
+        Ok(format!("`{}` is running; its output follows", t.command.display()))
     }
 
     /// Source paths that could not be read (so the target is not known to
@@ -202,11 +252,10 @@ impl Engine {
         let mut errors = 0;
         if !plan.is_empty() {
             errors = self.send_plan(link, plan, true, t0).await?;
-            if self.svc.app.as_ref().is_some_and(|a| a.restart && a.spec.is_none()) {
+            if let (Some(Restart::Command(c)), true) = (&self.restart, self.restarts_app()) {
                 // The container's own process started on the image's files,
                 // before these landed: restart it once, now.
-                let restart = vec![crate::target::workload::restart_command()];
-                let applied = link.batch(Vec::new(), restart, false)?;
+                let applied = link.batch(Vec::new(), vec![c.clone()], false)?;
                 applied.await.map_err(|_| ClientError::Lost("connection closed".into()))??;
             }
         }
@@ -224,6 +273,8 @@ impl Engine {
     ) -> Result<usize, ClientError> {
         let mut errors = 0;
         let (writes, mut deletes) = plan.into_parts();
+        let (files_total, bytes_total) = (writes.len() as u64, writes.iter().map(|w| w.size).sum::<u64>());
+        let (mut files_done, mut bytes_done) = (0u64, 0u64);
         let mut chunk: Vec<Outgoing> = Vec::new();
         let mut chunk_bytes = 0u64;
         let mut rest = writes.into_iter().peekable();
@@ -239,7 +290,12 @@ impl Engine {
             if chunk.is_empty() && dels.is_empty() {
                 break;
             }
+            let n = chunk.len() as u64;
             errors += self.send_batch(link, std::mem::take(&mut chunk), dels, initial, t0).await?.errors;
+            (files_done, bytes_done) = (files_done + n, bytes_done + chunk_bytes);
+            if initial && files_total > 0 {
+                self.rep.send(Kind::SyncProgress { files_done, files_total, bytes_done, bytes_total });
+            }
             chunk_bytes = 0;
         }
         Ok(errors)
@@ -259,15 +315,18 @@ impl Engine {
             self.svc.on_sync.iter().filter(|t| matches(&t.when)).map(|t| t.command.clone()).collect();
         // The initial sync happens before the app is configured (it starts on
         // the synced files), so only live batches restart it.
-        let mut restart =
-            !initial && self.svc.app.as_ref().is_some_and(|a| a.restart && a.restart_when.as_ref().is_none_or(matches));
-        if restart && self.svc.app.as_ref().is_some_and(|a| a.spec.is_none()) {
-            // The container's own process: its restart wrapper restarts it
-            // on SIGHUP, after the other post-sync commands succeeded.
-            commands.push(crate::target::workload::restart_command());
-            restart = false;
+        let wants_restart = !initial
+            && self.restarts_app()
+            && self.svc.app.as_ref().is_some_and(|a| a.restart_when.as_ref().is_none_or(matches));
+        let mut restart = false;
+        match (&self.restart, wants_restart) {
+            (Some(Restart::Agent), true) => restart = true,
+            // After the other post-sync commands succeeded.
+            (Some(Restart::Command(c)), true) => commands.push(c.clone()),
+            _ => {}
         }
         let bytes: u64 = writes.iter().map(|w| w.size).sum();
+        let paths: Vec<String> = changed().take(20).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
         self.batches += 1;
         let files = writes.len() as u64;
         let started = Kind::SyncStarted { batch: self.batches, initial, files, deletes: deletes.len() as u64, bytes };
@@ -355,6 +414,7 @@ impl Engine {
             deleted,
             bytes,
             latency_ms: t0.elapsed().as_secs_f64() * 1e3,
+            paths,
         });
         Ok(BatchOutcome { errors: errors.len() })
     }

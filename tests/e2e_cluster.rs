@@ -248,7 +248,7 @@ async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Vec<String> {
             .items
             .into_iter()
             // The same rule devloop itself uses to pick pods.
-            .filter(devloop::target::kubernetes::is_ready)
+            .filter(devloop::endpoint::kubernetes::is_ready)
             .filter_map(|p| p.metadata.name)
             .collect();
         if ready.len() == n {

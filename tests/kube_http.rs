@@ -4,7 +4,7 @@
 //! RBAC refusals) become devloop's errors. No cluster needed.
 
 use devloop::config::PodSelector;
-use devloop::target::kubernetes::{ready_pods, Cluster, KubeError};
+use devloop::endpoint::kubernetes::{ready_pods, Cluster, KubeError};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -236,7 +236,7 @@ const PATCH: &str = "PATCH /apis/apps/v1/namespaces/dev/deployments/web?";
 
 #[tokio::test]
 async fn the_restart_wrapper_is_recorded_on_the_workload_and_restored_exactly() {
-    use devloop::target::workload::{reconcile, restore, Done, Workload, ANNOTATION};
+    use devloop::endpoint::workload::{reconcile, restore, Done, Workload, ANNOTATION};
     let original = serde_json::json!(["python", "app.py"]);
     let wrapped = serde_json::json!(["/bin/sh", "-c", "…", "devloop-restart", "python", "app.py", "--port", "80"]);
     let (url, seen, bodies) = scripted_server_with_bodies(vec![
@@ -294,7 +294,7 @@ async fn the_restart_wrapper_is_recorded_on_the_workload_and_restored_exactly() 
 
 #[tokio::test]
 async fn a_start_without_restarts_removes_a_left_wrapper_and_a_refused_patch_names_the_verb() {
-    use devloop::target::workload::{reconcile, Done, Workload};
+    use devloop::endpoint::workload::{reconcile, Done, Workload};
     let wrapped = serde_json::json!(["/bin/sh", "-c", "…", "devloop-restart", "python", "app.py", "--port", "80"]);
     let (url, seen) = scripted_server(vec![
         Step { request: DEP, status: 200, body: app_deployment(true, wrapped.clone()) },
@@ -527,7 +527,7 @@ async fn a_shell_less_container_in_a_shared_process_namespace_is_refused_with_th
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let rep = devloop::events::Reporter::new("web", tx);
     let e =
-        devloop::target::helper::ensure(&cluster(&url).await, "web", "main", "busybox:1.36", &rep).await.unwrap_err();
+        devloop::endpoint::helper::ensure(&cluster(&url).await, "web", "main", "busybox:1.36", &rep).await.unwrap_err();
     assert!(e.to_string().contains("shares one process namespace"), "{e}");
     assert!(e.hint().unwrap().contains("shareProcessNamespace: false"), "{:?}", e.hint());
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing is patched");

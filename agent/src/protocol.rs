@@ -357,6 +357,8 @@ pub enum Control {
     Batch { id: u64, deletes: Vec<WirePath>, commands: Vec<CommandSpec>, restart: bool },
     /// Configure (and start, or restart when changed) the app process.
     AppConfigure { app: Option<AppSpec> },
+    /// Restart the app process now.
+    AppRestart {},
 }
 
 /// One path in an index.

@@ -247,6 +247,10 @@ where
                 shared.app.configure(app);
                 None
             }
+            Incoming::Control(Control::AppRestart {}) => {
+                shared.app.restart();
+                None
+            }
             Incoming::Control(other) | Incoming::Batch { control: other, .. } => {
                 let m = format!("unexpected message from a client: {}", kind_of(&other));
                 fatal(&out, &m);

@@ -9,6 +9,7 @@ use super::scan::Unknown;
 use super::{Engine, LiveEnd, SyncError};
 use crate::client::AgentClient;
 use crate::events::Kind;
+use crate::hub::{Action, ActionKind};
 use crate::watch::Change;
 use devloop_agent::index::{self, ScanFailed};
 use devloop_agent::paths::WirePath;
@@ -17,6 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A file being written is synced when closed, or after this long if its
 /// writer keeps it open (a log, a long download).
@@ -37,7 +39,8 @@ impl Engine {
         &mut self,
         link: &AgentClient,
         changes: &mut mpsc::Receiver<Change>,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        cancel: &CancellationToken,
+        actions: &mut mpsc::Receiver<Action>,
     ) -> Result<LiveEnd, SyncError> {
         let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
         // When the paths that could not be read are tried again.
@@ -64,7 +67,16 @@ impl Engine {
                         retry_at = Instant::now() + UNREAD_RETRY;
                     }
                     r = link.ended() => return Ok(LiveEnd::Lost(r)),
-                    _ = shutdown.changed() => return Ok(LiveEnd::Shutdown),
+                    _ = cancel.cancelled() => return Ok(LiveEnd::Shutdown),
+                    Some(a) = actions.recv() => {
+                        let answer = match a.kind {
+                            ActionKind::Resync => return Ok(LiveEnd::Resync(a.reply)),
+                            ActionKind::Restart => self.restart_now(link).await,
+                            ActionKind::Run { index } => self.run_now(link, index).await,
+                        };
+                        let _ = a.reply.send(answer);
+                        continue;
+                    }
                 }
                 if first_seen.is_none() {
                     first_seen = Some(Instant::now());
@@ -119,7 +131,7 @@ impl Engine {
                             None => break,
                         },
                         _ = tokio::time::sleep(STORM_GAP) => break,
-                        _ = shutdown.changed() => return Ok(LiveEnd::Shutdown),
+                        _ = cancel.cancelled() => return Ok(LiveEnd::Shutdown),
                     }
                 }
             }

@@ -333,7 +333,7 @@ async fn inject(ep: &PodEndpoint, container: &str, rep: &Reporter) -> Result<Str
         return Ok(remote);
     }
     let n = ep.agent.bytes.len();
-    rep.send(Kind::AgentLog { line: format!("uploading the agent ({n} bytes) into {}", ep.describe()) });
+    rep.send(Kind::AgentInjecting { bytes: n as u64 });
     let upload = format!(
         "head -c {n} > {remote}.part && chmod 755 {remote}.part && mv {remote}.part {remote} && sha256sum {remote} | cut -c1-64"
     );
@@ -379,12 +379,13 @@ pub async fn remove_agent_in(c: &Cluster, pod: &str, container: &str) -> Result<
     Ok(out.trim().parse().unwrap_or(0))
 }
 
-/// Streams the container's log as events until the pod is gone. New lines
-/// only: the log from before devloop started is the pod's business. A
-/// stream that ends (container restart, API hiccup) is reopened.
-pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+/// Streams the container's log as events until the pod is gone or this is
+/// cancelled. New lines only: the log from before devloop started is the
+/// pod's business. A stream that ends (container restart, API hiccup) is
+/// opened again.
+pub async fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter, cancel: tokio_util::sync::CancellationToken) {
+    let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
+    let follow = async {
         let mut since_start = true;
         loop {
             let container = match container(&ep.cluster, &ep.pod, ep.container.as_deref()).await {
@@ -411,7 +412,11 @@ pub fn follow_logs(ep: Arc<PodEndpoint>, rep: Reporter) -> tokio::task::JoinHand
             since_start = false;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    })
+    };
+    tokio::select! {
+        _ = follow => {}
+        _ = cancel.cancelled() => {}
+    }
 }
 
 /// Injects and starts the agent in the pod, and connects to it the way the

@@ -1,4 +1,5 @@
-//! Targets: how the CLI gets a byte stream to an agent.
+//! Endpoints: how the CLI gets a byte stream to an agent, for each kind of
+//! target in devloop.yaml.
 //!
 //! Every target ends in the same place, a stream that speaks the devloop
 //! protocol, so the sync engine does not know or care where the agent runs:
