@@ -80,9 +80,11 @@ pub enum Kind {
     AgentLog {
         line: String,
     },
-    /// Watching this many directories.
+    /// Watching this many directories, with this backend (`inotify` or
+    /// `notify`).
     Watching {
         dirs: usize,
+        watcher: String,
     },
     /// A batch is on its way.
     SyncStarted {
@@ -284,7 +286,7 @@ pub fn plain(ev: &Event) -> String {
             format!("reconnecting in {in_ms} ms (attempt {attempt})")
         }
         Kind::AgentLog { line } => format!("agent: {line}"),
-        Kind::Watching { dirs } => format!("watching {dirs} directories"),
+        Kind::Watching { dirs, watcher } => format!("watching {dirs} directories ({watcher})"),
         Kind::SyncStarted { initial, files, deletes, bytes, .. } => format!(
             "{} {files} files ({}), {deletes} deletions",
             if *initial { "initial sync: sending" } else { "sending" },

@@ -1,51 +1,48 @@
-//! File watching: inotify, read on the async runtime itself.
+//! File watching: which source paths may have changed, as hints for the
+//! sync engine (which compares by content, so a lost or extra hint never
+//! makes the target wrong).
 //!
 //! Directories are watched one by one (non-recursively), and only those the
 //! filter keeps, so `node_modules` or `target/` cost no watches and no
 //! events. The sync engine adds a watch when it finds a new directory.
 //!
-//! The inotify descriptor is polled by the runtime (`AsyncFd`), not by a
-//! watcher thread of its own: an edit wakes the runtime once, and the
-//! engine task runs next on the same thread. (A watcher thread, as in the
-//! `notify` crate, costs every edit one more cross-thread wake-up; with the
-//! agent's stdio moved onto its own runtime thread, this took the
-//! edit-to-visible p50 from 0.61-0.68 ms to 0.53-0.56 ms on the 2-core VM.)
+//! Two backends, behind one [`Watch`]:
+//! - Linux: inotify, read on the async runtime itself ([`inotify`]): an
+//!   edit wakes the runtime once, and the engine task runs next on the
+//!   same thread (a watcher thread costs every edit one more cross-thread
+//!   wake-up).
+//! - elsewhere (macOS: FSEvents), and on Linux with
+//!   `DEVLOOP_WATCHER=notify`: the `notify` crate ([`portable`]), whose
+//!   callback thread hands changes over.
 //!
-//! The reader task hands changes to each subscriber through a bounded
-//! channel with `try_send`. When a channel is full, the change is dropped
-//! and that subscriber's overflow flag set; its engine then rescans
-//! everything, which is correct whatever was lost (events are only hints of
-//! where to look). A kernel queue overflow is a rescan for everyone.
+//! Either way, changes reach each subscriber through a bounded channel
+//! with `try_send`. When a channel is full, the change is dropped and that
+//! subscriber's overflow flag set; its engine then rescans everything,
+//! which is correct whatever was lost. A kernel queue overflow is a rescan
+//! for everyone.
 //!
 //! One watcher serves every session of a service: the sessions of a
 //! Kubernetes target's replicas [`subscribe`](Watch::subscribe) to the same
-//! inotify watches, so ten replicas cost one set of watches, not ten.
+//! watches, so ten replicas cost one set of watches, not ten.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+#[cfg(target_os = "linux")]
+mod inotify;
+mod portable;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Changes waiting for an engine before they are dropped (and it rescans).
 const QUEUE: usize = 8192;
 /// How often a file that is still being written is reported again.
 const WRITING_REMINDER: Duration = Duration::from_millis(100);
-/// What is watched in each directory. Opens and reads change nothing.
-const MASK: u32 = libc::IN_MODIFY
-    | libc::IN_ATTRIB
-    | libc::IN_CLOSE_WRITE
-    | libc::IN_MOVED_FROM
-    | libc::IN_MOVED_TO
-    | libc::IN_CREATE
-    | libc::IN_DELETE
-    | libc::IN_DELETE_SELF
-    | libc::IN_MOVE_SELF;
+/// The variable that picks the backend: `notify` for the portable one
+/// (also on Linux), `inotify` (Linux only, the default there).
+pub const WATCHER_ENV: &str = "DEVLOOP_WATCHER";
 
 /// What the watcher tells the engine.
 #[derive(Debug, Clone)]
@@ -63,118 +60,130 @@ pub enum Change {
     Rescan(String),
 }
 
+/// What a backend does; the [`Watch`] facade and the fan-out are shared.
+trait Backend: Send + Sync {
+    /// Watches one directory (not its subdirectories); idempotent.
+    fn add(&self, dir: &Path) -> std::io::Result<()>;
+    /// Forgets a directory and every watched directory below it.
+    fn remove_tree(&self, dir: &Path);
+    /// Number of directories watched.
+    fn len(&self) -> usize;
+    /// Its name, for people: `inotify` or `notify`.
+    fn name(&self) -> &'static str;
+}
+
 /// A subscription to a shared watcher. `add` and `remove_tree` act on the
 /// shared watches; the overflow flag is this subscriber's own.
 pub struct Watch {
-    shared: Arc<Shared>,
+    backend: Arc<dyn Backend>,
+    subscribers: Arc<Subscribers>,
     overflow: Arc<AtomicBool>,
 }
 
-/// What every subscription shares; the reader task stops when it goes.
-struct Shared {
-    fd: Arc<AsyncFd<OwnedFd>>,
-    /// Watch descriptor → directory, and the directories watched.
-    dirs: Arc<Mutex<Dirs>>,
-    subscribers: Arc<Mutex<Vec<Subscriber>>>,
-    _stop: oneshot::Sender<()>,
-}
-
+/// Everyone listening to one watcher.
 #[derive(Default)]
-struct Dirs {
-    by_wd: HashMap<i32, PathBuf>,
-    watched: HashMap<PathBuf, i32>,
-}
+struct Subscribers(Mutex<Vec<Subscriber>>);
 
 struct Subscriber {
     tx: mpsc::Sender<Change>,
     overflow: Arc<AtomicBool>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+impl Subscribers {
+    /// Gives a change to every subscriber; one that is full overflows, one
+    /// whose receiver is gone (its session ended) leaves.
+    fn send(&self, change: Change) {
+        let mut subs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|s| !s.tx.is_closed());
+        if let Some((last, rest)) = subs.split_last() {
+            for s in rest {
+                if s.tx.try_send(change.clone()).is_err() {
+                    s.overflow.store(true, Ordering::Relaxed);
+                }
+            }
+            if last.tx.try_send(change).is_err() {
+                last.overflow.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Which backend a new watcher uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Inotify,
+    Notify,
+}
+
+impl Kind {
+    /// From `DEVLOOP_WATCHER`, else the platform's fast path.
+    pub fn from_env() -> std::io::Result<Kind> {
+        match std::env::var(WATCHER_ENV).ok().as_deref() {
+            None | Some("") => Ok(if cfg!(target_os = "linux") { Kind::Inotify } else { Kind::Notify }),
+            Some("notify") => Ok(Kind::Notify),
+            Some("inotify") if cfg!(target_os = "linux") => Ok(Kind::Inotify),
+            Some(other) => Err(std::io::Error::other(format!(
+                "{WATCHER_ENV}={other}: use `notify`{}",
+                if cfg!(target_os = "linux") { " or `inotify`" } else { " (inotify is Linux only)" }
+            ))),
+        }
+    }
 }
 
 impl Watch {
     /// Starts the watcher (on the current runtime); changes arrive on the
     /// returned receiver.
     pub fn new() -> std::io::Result<(Watch, mpsc::Receiver<Change>)> {
-        // SAFETY: plain system call; the result is checked.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by inotify_init1 and is owned here;
-        // the OwnedFd keeps it open, unchanged, as long as the AsyncFd lives.
-        let fd = unsafe { AsyncFd::register(OwnedFd::from_raw_fd(fd)) }.map_err(std::io::Error::from)?;
-        let fd = Arc::new(fd);
-        let (stop, stopped) = oneshot::channel();
-        let shared = Arc::new(Shared { fd, dirs: Arc::default(), subscribers: Arc::default(), _stop: stop });
-        tokio::spawn(read_events(shared.fd.clone(), shared.dirs.clone(), shared.subscribers.clone(), stopped));
-        Ok(Watch { shared, overflow: Arc::default() }.with_receiver())
+        let subscribers = Arc::new(Subscribers::default());
+        let backend: Arc<dyn Backend> = match Kind::from_env()? {
+            #[cfg(target_os = "linux")]
+            Kind::Inotify => Arc::new(inotify::Inotify::start(subscribers.clone())?),
+            _ => Arc::new(portable::Portable::start(subscribers.clone())?),
+        };
+        Ok(Watch { backend, subscribers, overflow: Arc::default() }.with_receiver())
     }
 
     /// Another subscription to the same watches: every change from now on
     /// arrives on its receiver too.
     pub fn subscribe(&self) -> (Watch, mpsc::Receiver<Change>) {
-        Watch { shared: self.shared.clone(), overflow: Arc::default() }.with_receiver()
+        Watch { backend: self.backend.clone(), subscribers: self.subscribers.clone(), overflow: Arc::default() }
+            .with_receiver()
     }
 
     fn with_receiver(self) -> (Watch, mpsc::Receiver<Change>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        lock(&self.shared.subscribers).push(Subscriber { tx, overflow: self.overflow.clone() });
+        self.subscribers
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Subscriber { tx, overflow: self.overflow.clone() });
         (self, rx)
     }
 
     /// Watches one directory (not its subdirectories). Idempotent, also
     /// across subscribers.
     pub fn add(&self, dir: &Path) -> std::io::Result<()> {
-        let mut d = lock(&self.shared.dirs);
-        if d.watched.contains_key(dir) {
-            return Ok(());
-        }
-        let c = CString::new(dir.as_os_str().as_bytes())?;
-        // SAFETY: a valid descriptor and a NUL-terminated path.
-        let wd = unsafe { libc::inotify_add_watch(self.shared.fd.as_raw_fd(), c.as_ptr(), MASK | libc::IN_ONLYDIR) };
-        if wd < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
-                std::io::Error::other("the inotify watch limit is reached")
-            } else {
-                e
-            });
-        }
-        // The same directory under a new name (it was moved) keeps its
-        // watch descriptor: the old name no longer owns it.
-        if let Some(prev) = d.by_wd.insert(wd, dir.to_path_buf()) {
-            if prev != dir {
-                d.watched.remove(&prev);
-            }
-        }
-        d.watched.insert(dir.to_path_buf(), wd);
-        Ok(())
+        self.backend.add(dir)
     }
 
     /// Forgets a directory and every watched directory below it (after it
-    /// was deleted; the kernel already dropped its watches).
+    /// was deleted).
     pub fn remove_tree(&mut self, dir: &Path) {
-        let mut d = lock(&self.shared.dirs);
-        let gone: Vec<(PathBuf, i32)> =
-            d.watched.iter().filter(|(p, _)| p.starts_with(dir)).map(|(p, w)| (p.clone(), *w)).collect();
-        for (p, wd) in gone {
-            // SAFETY: plain system call; failure (already gone) is fine.
-            unsafe { libc::inotify_rm_watch(self.shared.fd.as_raw_fd(), wd) };
-            d.watched.remove(&p);
-            d.by_wd.remove(&wd);
-        }
+        self.backend.remove_tree(dir)
     }
 
     /// Number of directories watched.
     pub fn len(&self) -> usize {
-        lock(&self.shared.dirs).watched.len()
+        self.backend.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The backend's name: `inotify` or `notify`.
+    pub fn backend(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// True (once) when events were dropped since the last call.
@@ -183,126 +192,42 @@ impl Watch {
     }
 }
 
-/// Reads inotify events until every subscription is gone, and passes them
-/// on as changes.
-async fn read_events(
-    fd: Arc<AsyncFd<OwnedFd>>,
-    dirs: Arc<Mutex<Dirs>>,
-    subscribers: Arc<Mutex<Vec<Subscriber>>>,
-    mut stopped: oneshot::Receiver<()>,
-) {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut classify = Classifier::default();
-    loop {
-        let mut guard = tokio::select! {
-            g = fd.readable() => match g { Ok(g) => g, Err(_) => return },
-            _ = &mut stopped => return,
-        };
-        // SAFETY: reads into a buffer of the given length.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                guard.clear_ready();
-                continue;
-            }
-            send(&subscribers, Change::Rescan(format!("watcher error: {e}")));
-            return;
-        }
-        let changes = classify.events(&buf[..n as usize], &mut lock(&dirs));
-        for c in changes {
-            send(&subscribers, c);
-        }
-        // inotify hands over every queued event that fits: a read well
-        // short of the buffer emptied the queue, so the read that would
-        // only say EAGAIN is skipped (one system call per edit). An event
-        // queued since is a new edge for epoll, and sets readiness again.
-        if (n as usize) < buf.len() / 2 {
-            guard.clear_ready();
-        }
-    }
-}
-
-/// Gives a change to every subscriber; one that is full overflows, one
-/// whose receiver is gone (its session ended) leaves.
-fn send(subscribers: &Mutex<Vec<Subscriber>>, change: Change) {
-    let mut subs = lock(subscribers);
-    subs.retain(|s| !s.tx.is_closed());
-    if let Some((last, rest)) = subs.split_last() {
-        for s in rest {
-            if s.tx.try_send(change.clone()).is_err() {
-                s.overflow.store(true, Ordering::Relaxed);
-            }
-        }
-        if last.tx.try_send(change).is_err() {
-            last.overflow.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Turns raw events into changes, in order, merging neighbours of a kind.
+/// Passes on "being written" hints at most every [`WRITING_REMINDER`] per
+/// file: further writes add nothing until the file settles, and each
+/// would wake the engine for nothing; the reminder keeps a file that
+/// stays open (a log) syncing. Bounded: cleared if it ever grows large.
 #[derive(Default)]
-struct Classifier {
-    /// Files reported as being written, and when. Further writes add
-    /// nothing until they settle, so they are passed on at most every
-    /// [`WRITING_REMINDER`] (each would otherwise wake the engine for
-    /// nothing); the reminder keeps a file that stays open (a log)
-    /// syncing. Bounded: cleared if it ever grows large.
+struct WriteThrottle {
     writing: HashMap<PathBuf, Instant>,
 }
 
-impl Classifier {
-    fn events(&mut self, mut raw: &[u8], dirs: &mut Dirs) -> Vec<Change> {
-        const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
-        let mut out: Vec<Change> = Vec::new();
-        let mut seen_rescan = HashSet::new();
-        let now = Instant::now();
-        while raw.len() >= HEADER {
-            // SAFETY: at least HEADER bytes remain; read_unaligned copes
-            // with any alignment.
-            let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
-            let end = (HEADER + ev.len as usize).min(raw.len());
-            let name = &raw[HEADER..end];
-            raw = &raw[end..];
-            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
-                if seen_rescan.insert("overflow") {
-                    out.push(Change::Rescan("the kernel's event queue overflowed".into()));
-                }
-                continue;
-            }
-            if ev.mask & libc::IN_IGNORED != 0 {
-                if let Some(p) = dirs.by_wd.remove(&ev.wd) {
-                    dirs.watched.remove(&p);
-                }
-                continue;
-            }
-            let Some(dir) = dirs.by_wd.get(&ev.wd) else { continue };
-            let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
-            let path = if name.is_empty() { dir.clone() } else { dir.join(std::ffi::OsStr::from_bytes(name)) };
-            let writing =
-                ev.mask & libc::IN_MODIFY != 0 || (ev.mask & libc::IN_CREATE != 0 && ev.mask & libc::IN_ISDIR == 0);
-            if writing {
-                if self.writing.len() > 4096 {
-                    self.writing.clear();
-                }
-                match self.writing.get(&path) {
-                    Some(t) if now.duration_since(*t) < WRITING_REMINDER => continue,
-                    _ => {
-                        self.writing.insert(path.clone(), now);
-                    }
-                }
-                match out.last_mut() {
-                    Some(Change::Writing(v)) => v.push(path),
-                    _ => out.push(Change::Writing(vec![path])),
-                }
-            } else {
-                self.writing.remove(&path);
-                match out.last_mut() {
-                    Some(Change::Settled(v)) => v.push(path),
-                    _ => out.push(Change::Settled(vec![path])),
-                }
+impl WriteThrottle {
+    /// Whether a "being written" hint for `path` goes on now.
+    fn writing(&mut self, path: &Path, now: Instant) -> bool {
+        if self.writing.len() > 4096 {
+            self.writing.clear();
+        }
+        match self.writing.get(path) {
+            Some(t) if now.duration_since(*t) < WRITING_REMINDER => false,
+            _ => {
+                self.writing.insert(path.to_path_buf(), now);
+                true
             }
         }
-        out
+    }
+
+    /// The file is at rest.
+    fn settled(&mut self, path: &Path) {
+        self.writing.remove(path);
+    }
+}
+
+/// Appends a path to the last change if it is of the same kind, or starts
+/// a new one: neighbours of a kind merge, order is kept.
+fn push(out: &mut Vec<Change>, path: PathBuf, writing: bool) {
+    match (out.last_mut(), writing) {
+        (Some(Change::Writing(v)), true) | (Some(Change::Settled(v)), false) => v.push(path),
+        (_, true) => out.push(Change::Writing(vec![path])),
+        (_, false) => out.push(Change::Settled(vec![path])),
     }
 }

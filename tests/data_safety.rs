@@ -96,10 +96,10 @@ fn a_directory_that_becomes_unreadable_while_watching_is_kept_and_retried() {
     p.write("other.txt", b"x");
     let mut w = Watching::spawn(bound_by_permissions(p.cmd(&["--json", "watch"])), 1);
     wait_converged(&p, Some(&mut w), T);
-    // Changed behind the watcher's back while unreadable: only visible
-    // when it can be read again.
-    std::fs::write(p.src().join("locked/a.txt"), b"v2").unwrap();
+    // Changed while unreadable (the test, as root, can still write there):
+    // only visible when it can be read again.
     chmod(&p.src().join("locked"), 0o000);
+    std::fs::write(p.src().join("locked/a.txt"), b"v2").unwrap();
     w.wait_for("a sync_error for locked", T, |e| e["type"] == "sync_error" && e["path"] == "locked");
     // A full rescan (an ignore file changed) must not delete it either.
     p.write(".devloopignore", b"*.never\n");
@@ -378,4 +378,14 @@ fn the_agent_signals_its_app_group_and_nothing_beyond() {
     }
     assert!(!gone(sibling), "a process in the agent's own group was signalled on shutdown");
     unsafe { libc::kill(sibling, libc::SIGKILL) };
+}
+
+/// A watcher that cannot be what was asked for is a clear error.
+#[test]
+fn an_unknown_watcher_is_refused_with_the_choices() {
+    let p = Project::new();
+    let o = p.cmd(&["--json", "watch"]).env("DEVLOOP_WATCHER", "kqueue").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(text.contains("DEVLOOP_WATCHER=kqueue: use `notify`"), "{text}");
+    assert_eq!(o.status.code(), Some(3), "{text}");
 }

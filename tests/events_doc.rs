@@ -14,7 +14,7 @@ fn every_kind() -> Vec<Kind> {
         Kind::AgentLost { reason: s() },
         Kind::Reconnecting { attempt: 1, in_ms: 200 },
         Kind::AgentLog { line: s() },
-        Kind::Watching { dirs: 1 },
+        Kind::Watching { dirs: 1, watcher: s() },
         Kind::SyncStarted { batch: 1, initial: true, files: 1, deletes: 0, bytes: 1 },
         Kind::SyncApplied {
             batch: 1,

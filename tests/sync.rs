@@ -65,6 +65,10 @@ fn live_sync_follows_every_kind_of_change() {
     p.write("keep.txt", b"keep");
     p.write("old/dir/file.txt", b"in a dir that will be renamed");
     let mut w = p.watch();
+    // The suite runs with either watcher (DEVLOOP_WATCHER); this proves
+    // which one ran.
+    let want = std::env::var("DEVLOOP_WATCHER").ok().filter(|v| !v.is_empty()).unwrap_or("inotify".into());
+    assert_eq!(w.wait_first("watching", T)["watcher"], want.as_str());
     wait_converged(&p, Some(&mut w), T);
     let src = p.src();
     type Step<'a> = (&'static str, Box<dyn Fn() + 'a>);

@@ -50,7 +50,7 @@ impl Engine {
         let mut rescan = false;
         let mut first_seen: Option<Instant> = None;
         if let Some(w) = &self.watch {
-            self.rep.send(Kind::Watching { dirs: w.len() });
+            self.rep.send(Kind::Watching { dirs: w.len(), watcher: w.backend().to_string() });
         }
         loop {
             if dirty.is_empty() && !rescan {
