@@ -17,8 +17,8 @@ use devloop_agent::handshake::{self, ConnectError};
 use devloop_agent::mux::{self, close_code, End, Heartbeat, Incoming, Mux, Role, Stream, StreamWriter};
 use devloop_agent::paths::WirePath;
 use devloop_agent::protocol::{
-    AppSpec, AppState, CommandSpec, Control, Entry, OutputSource, PathError, StdStream, StreamHeader, CHUNK_SIZE,
-    STREAM_WINDOW, TCP_WINDOW,
+    AppSpec, AppState, CommandSpec, Control, Entry, HeaderMatch, InterceptPort, OutputSource, PathError, StdStream,
+    StreamHeader, CHUNK_SIZE, STREAM_WINDOW, TCP_WINDOW,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +72,16 @@ pub struct Applied {
 }
 
 type IndexReply = oneshot::Sender<Result<Vec<Entry>, ClientError>>;
+type InterceptReply = oneshot::Sender<Result<Vec<String>, ClientError>>;
+type EnvReply = oneshot::Sender<Result<Vec<(String, String)>, ClientError>>;
+
+/// A request whose answer the dispatcher routes back, registered before
+/// the request is sent (so before its answer can come).
+enum Req {
+    Index(u64, IndexReply),
+    Intercept(InterceptReply, mpsc::UnboundedSender<mux::Accepted>),
+    Env(u64, EnvReply),
+}
 type BatchReply = oneshot::Sender<Result<Applied, ClientError>>;
 
 /// Batches awaiting their acknowledgement; `None` once the dispatcher has
@@ -93,7 +103,7 @@ pub struct AgentClient {
 
 struct Inner {
     mux: Mux,
-    index_req: mpsc::UnboundedSender<(u64, IndexReply)>,
+    req: mpsc::UnboundedSender<Req>,
     acks: AckTable,
     next_id: AtomicU64,
     ended: watch::Receiver<Option<String>>,
@@ -117,11 +127,11 @@ impl AgentClient {
             Some(Incoming::Control(Control::Error { message, .. })) => return Err(ClientError::Agent(message)),
             other => return Err(ClientError::Lost(format!("expected hello, got {other:?}"))),
         };
-        let (index_req, index_rx) = mpsc::unbounded_channel();
+        let (req, req_rx) = mpsc::unbounded_channel();
         let (ended_tx, ended) = watch::channel(None);
         let acks: AckTable = Arc::new(Mutex::new(Some(HashMap::new())));
-        tokio::spawn(dispatch(rx, index_rx, acks.clone(), mux.clone(), rep, ended_tx));
-        let inner = Inner { mux, index_req, acks, next_id: AtomicU64::new(1), ended, agent_version, pid, root };
+        tokio::spawn(dispatch(rx, req_rx, acks.clone(), mux.clone(), rep, ended_tx));
+        let inner = Inner { mux, req, acks, next_id: AtomicU64::new(1), ended, agent_version, pid, root };
         Ok(AgentClient { inner: Arc::new(inner) })
     }
 
@@ -147,7 +157,7 @@ impl AgentClient {
         let (reply, rx) = oneshot::channel();
         // Registered before the request is sent (the dispatcher takes
         // registrations before incoming messages), so before its answer.
-        self.inner.index_req.send((id, reply)).map_err(|_| self.lost())?;
+        self.inner.req.send(Req::Index(id, reply)).map_err(|_| self.lost())?;
         self.inner.mux.control(Control::IndexRequest { id, under, prune }).map_err(|_| self.lost())?;
         rx.await.map_err(|_| self.lost())?
     }
@@ -215,6 +225,38 @@ impl AgentClient {
         Ok(applied)
     }
 
+    /// Takes the intercept (see [`Control::Intercept`]); returns the
+    /// addresses the agent listens on, and the connections it accepts
+    /// there, as streams. A later call replaces the intercept (and the
+    /// earlier receiver ends).
+    pub async fn intercept(
+        &self,
+        ports: Vec<InterceptPort>,
+        header: Option<HeaderMatch>,
+        lease_ms: u64,
+    ) -> Result<(Vec<String>, mpsc::UnboundedReceiver<mux::Accepted>), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        let (inbound, accepted) = mpsc::unbounded_channel();
+        self.inner.req.send(Req::Intercept(reply, inbound)).map_err(|_| self.lost())?;
+        self.inner.mux.control(Control::Intercept { ports, header, lease_ms }).map_err(|_| self.lost())?;
+        let listening = rx.await.map_err(|_| self.lost())??;
+        Ok((listening, accepted))
+    }
+
+    /// Releases the intercept.
+    pub fn intercept_stop(&self) {
+        let _ = self.inner.mux.control(Control::InterceptStop {});
+    }
+
+    /// The agent's environment (the container's, as the app sees it).
+    pub async fn env(&self) -> Result<Vec<(String, String)>, ClientError> {
+        let id = self.id();
+        let (reply, rx) = oneshot::channel();
+        self.inner.req.send(Req::Env(id, reply)).map_err(|_| self.lost())?;
+        self.inner.mux.control(Control::EnvRequest { id }).map_err(|_| self.lost())?;
+        rx.await.map_err(|_| self.lost())?
+    }
+
     /// Opens a connection to `host:port` from the agent's side.
     pub fn dial(&self, host: &str, port: u16) -> Result<Stream, ClientError> {
         let header = StreamHeader::Dial { host: host.to_string(), port };
@@ -261,20 +303,29 @@ impl AgentClient {
 
 async fn dispatch(
     mut rx: mpsc::Receiver<Incoming>,
-    mut index_req: mpsc::UnboundedReceiver<(u64, IndexReply)>,
+    mut req: mpsc::UnboundedReceiver<Req>,
     acks: AckTable,
     mux: Mux,
     rep: Reporter,
     ended: watch::Sender<Option<String>>,
 ) {
     let mut indexes: HashMap<u64, (Vec<Entry>, IndexReply)> = HashMap::new();
+    let mut envs: HashMap<u64, EnvReply> = HashMap::new();
+    let mut intercept_reply: Option<InterceptReply> = None;
+    // Where connections the agent accepts for the intercept go.
+    let mut inbound: Option<mpsc::UnboundedSender<mux::Accepted>> = None;
     let end: String = loop {
         tokio::select! {
             // Requests first: a request is always registered before the
             // agent can answer it.
             biased;
-            r = index_req.recv() => match r {
-                Some((id, reply)) => { indexes.insert(id, (Vec::new(), reply)); }
+            r = req.recv() => match r {
+                Some(Req::Index(id, reply)) => { indexes.insert(id, (Vec::new(), reply)); }
+                Some(Req::Env(id, reply)) => { envs.insert(id, reply); }
+                Some(Req::Intercept(reply, to)) => {
+                    intercept_reply = Some(reply);
+                    inbound = Some(to);
+                }
                 // Every handle was dropped: close the session.
                 None => {
                     mux.close(close_code::NORMAL, "");
@@ -288,11 +339,14 @@ async fn dispatch(
                     mux.close(close_code::PROTOCOL, "unexpected batch from the agent");
                     break "the agent sent a batch, which only devloop sends".to_string();
                 }
-                Some(Incoming::Open(a)) => {
-                    // Nothing on this side accepts streams the agent opens
-                    // (yet): refused, the session goes on.
-                    a.stream.reset(&format!("devloop does not accept {:?} streams", a.header));
-                }
+                Some(Incoming::Open(a)) => match (&a.header, &inbound) {
+                    (StreamHeader::Inbound { .. }, Some(to)) => {
+                        if let Err(mpsc::error::SendError(a)) = to.send(a) {
+                            a.stream.reset("devloop no longer holds this intercept");
+                        }
+                    }
+                    _ => a.stream.reset(&format!("devloop does not accept {:?} streams here", a.header)),
+                },
                 Some(Incoming::Control(c)) => match c {
                     Control::IndexPart { id, entries, done } => {
                         if let Some((acc, _)) = indexes.get_mut(&id) {
@@ -302,6 +356,22 @@ async fn dispatch(
                             if let Some((acc, reply)) = indexes.remove(&id) {
                                 let _ = reply.send(Ok(acc));
                             }
+                        }
+                    }
+                    Control::InterceptHeld { listening } => {
+                        if let Some(r) = intercept_reply.take() {
+                            let _ = r.send(Ok(listening));
+                        }
+                    }
+                    Control::InterceptFailed { message } => {
+                        inbound = None;
+                        if let Some(r) = intercept_reply.take() {
+                            let _ = r.send(Err(ClientError::Agent(message)));
+                        }
+                    }
+                    Control::Env { id, vars } => {
+                        if let Some(r) = envs.remove(&id) {
+                            let _ = r.send(Ok(vars));
                         }
                     }
                     Control::Applied { id, written, deleted, bytes, errors, apply_us } => {
@@ -326,6 +396,12 @@ async fn dispatch(
     };
     for (_, (_, reply)) in indexes.drain() {
         let _ = reply.send(Err(ClientError::Lost(end.clone())));
+    }
+    for (_, reply) in envs.drain() {
+        let _ = reply.send(Err(ClientError::Lost(end.clone())));
+    }
+    if let Some(r) = intercept_reply {
+        let _ = r.send(Err(ClientError::Lost(end.clone())));
     }
     let registered = lock(&acks).take().unwrap_or_default();
     for (_, reply) in registered {

@@ -77,6 +77,24 @@ struct RawService {
     on_sync: Vec<RawTrigger>,
     #[serde(default)]
     app: Option<RawApp>,
+    #[serde(default)]
+    intercept: Option<RawIntercept>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntercept {
+    #[serde(default)]
+    service: Option<String>,
+    ports: Vec<String>,
+    #[serde(default)]
+    header: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    lease_ms: Option<u64>,
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    fallback: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +294,92 @@ pub struct Service {
     pub rules: Vec<SyncRule>,
     pub on_sync: Vec<Trigger>,
     pub app: Option<App>,
+    pub intercept: Option<Intercept>,
+}
+
+/// The intercept's default lease: how long after devloop is last heard
+/// from the agent still takes new connections (after that, the app does).
+pub const DEFAULT_LEASE_MS: u64 = 3000;
+
+/// What is intercepted, and where it goes on this machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Intercept {
+    /// The Kubernetes Service; None: the one that selects the workload.
+    pub service: Option<String>,
+    pub ports: Vec<PortMap>,
+    /// A personal intercept: only the HTTP/1.1 requests with this header.
+    pub header: Option<(String, String)>,
+    pub lease_ms: u64,
+    /// Local target: the address that stands in for the Service.
+    pub listen: Option<std::net::IpAddr>,
+    /// Local target: where callers go while devloop is away (the app).
+    pub fallback: Option<std::net::SocketAddr>,
+}
+
+/// One Service port and the local port its calls go to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortMap {
+    pub service: PortRef,
+    pub local: u16,
+}
+
+/// A Service port, by number or by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl std::fmt::Display for PortRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRef::Number(n) => write!(f, "{n}"),
+            PortRef::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+impl PortMap {
+    /// Parses `SERVICE_PORT:LOCAL_PORT` (the service port a number or a
+    /// name).
+    pub fn parse(s: &str) -> Result<PortMap, String> {
+        let (svc, local) = s
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}`: write SERVICE_PORT:LOCAL_PORT, like `8080:3000` or `http:3000`"))?;
+        let local: u16 = local
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("`{s}`: the local port `{local}` is not a port number"))?;
+        let svc = svc.trim();
+        let service = match svc.parse::<u16>() {
+            Ok(0) => return Err(format!("`{s}`: port 0 is not a port")),
+            Ok(n) => PortRef::Number(n),
+            Err(_) if !svc.is_empty() && svc.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+                PortRef::Name(svc.to_string())
+            }
+            Err(_) => return Err(format!("`{s}`: `{svc}` is neither a port number nor a port name")),
+        };
+        Ok(PortMap { service, local })
+    }
+}
+
+/// Parses a personal intercept's `NAME=VALUE` (from the command line).
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (n, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: write NAME=VALUE, like `x-dev=alice`"))?;
+    check_header(n.trim(), v.trim())?;
+    Ok((n.trim().to_string(), v.trim().to_string()))
+}
+
+fn check_header(n: &str, v: &str) -> Result<(), String> {
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        return Err(format!("`{n}` is not a header name"));
+    }
+    if v.is_empty() || v.bytes().any(|b| b.is_ascii_control()) {
+        return Err(format!("the value of `{n}` must be non-empty, with no control characters"));
+    }
+    Ok(())
 }
 
 /// Where a service's agent runs.
@@ -679,7 +783,134 @@ impl Validator<'_> {
                 })
             }
         };
-        Ok(Service { name: name.to_string(), target, rules, on_sync, app })
+        let intercept = match rs.intercept {
+            None => None,
+            Some(i) => Some(self.intercept(&e, &target, i)?),
+        };
+        Ok(Service { name: name.to_string(), target, rules, on_sync, app, intercept })
+    }
+}
+
+/// Makes a located error from a key path under the service, a message and
+/// a hint.
+type Located<'a> = &'a dyn Fn(&[&str], String, Option<&str>) -> ConfigError;
+
+impl Validator<'_> {
+    fn intercept(&self, e: Located, target: &Target, i: RawIntercept) -> Result<Intercept, ConfigError> {
+        if matches!(target, Target::Exec { .. }) {
+            return Err(e(
+                &["intercept"],
+                "the exec target cannot intercept".into(),
+                Some("intercepts need a kubernetes target (or the local one, for trying it out)"),
+            ));
+        }
+        if i.ports.is_empty() {
+            return Err(e(&["intercept", "ports"], "no ports".into(), Some("e.g. `ports: [\"8080:3000\"]`")));
+        }
+        let mut ports = Vec::new();
+        for (j, p) in i.ports.iter().enumerate() {
+            let m = PortMap::parse(p).map_err(|m| e(&["intercept", "ports", &j.to_string()], m, None))?;
+            if ports.iter().any(|o: &PortMap| o.service == m.service) {
+                return Err(e(
+                    &["intercept", "ports", &j.to_string()],
+                    format!("service port `{}` is listed twice", m.service),
+                    None,
+                ));
+            }
+            ports.push(m);
+        }
+        let header = match i.header {
+            None => None,
+            Some(h) if h.len() == 1 => {
+                let (n, v) = h.into_iter().next().expect("one entry");
+                check_header(&n, &v).map_err(|m| e(&["intercept", "header"], m, None))?;
+                Some((n, v))
+            }
+            Some(_) => {
+                return Err(e(
+                    &["intercept", "header"],
+                    "give exactly one header".into(),
+                    Some("e.g. `header: {x-dev: alice}`: only requests with it come to you"),
+                ))
+            }
+        };
+        let lease_ms = i.lease_ms.unwrap_or(DEFAULT_LEASE_MS);
+        if !(500..=600_000).contains(&lease_ms) {
+            return Err(e(
+                &["intercept", "lease_ms"],
+                format!("{lease_ms} ms is out of range"),
+                Some("between 500 and 600000; the default is 3000"),
+            ));
+        }
+        let local = matches!(target, Target::Local { .. });
+        let (listen, fallback) = match (local, i.listen, i.fallback) {
+            (true, None, _) => {
+                return Err(e(
+                    &["intercept"],
+                    "the local target needs `listen:`, the address that stands in for the Service".into(),
+                    Some("e.g. `listen: \"127.0.0.1:18080\"` with `ports: [\"18080:3000\"]`"),
+                ))
+            }
+            (true, Some(l), fb) => {
+                let (ip, port) = match l.parse::<std::net::SocketAddr>() {
+                    Ok(a) => (a.ip(), Some(a.port())),
+                    Err(_) => match l.parse::<std::net::IpAddr>() {
+                        Ok(ip) => (ip, None),
+                        Err(_) => {
+                            return Err(e(&["intercept", "listen"], format!("`{l}` is not an ip or ip:port"), None))
+                        }
+                    },
+                };
+                for (j, p) in ports.iter().enumerate() {
+                    if let PortRef::Name(n) = &p.service {
+                        return Err(e(
+                            &["intercept", "ports", &j.to_string()],
+                            format!("`{n}`: the local target has no named ports"),
+                            Some("give the port number that stands in for the Service's"),
+                        ));
+                    }
+                }
+                if let Some(port) = port {
+                    if !ports.iter().any(|p| p.service == PortRef::Number(port)) {
+                        return Err(e(
+                            &["intercept", "listen"],
+                            format!("port {port} of `{l}` is not among `ports`"),
+                            Some("`listen` gives the address; each of `ports` is listened on there"),
+                        ));
+                    }
+                }
+                let fb = match fb {
+                    None => None,
+                    Some(f) => Some(f.parse::<std::net::SocketAddr>().map_err(|_| {
+                        e(
+                            &["intercept", "fallback"],
+                            format!("`{f}` is not an ip:port"),
+                            Some("the app's own address, e.g. `127.0.0.1:8080`"),
+                        )
+                    })?),
+                };
+                (Some(ip), fb)
+            }
+            (false, Some(_), _) => {
+                return Err(e(
+                    &["intercept", "listen"],
+                    "only the local target takes `listen:`".into(),
+                    Some("on Kubernetes the Service is steered: remove `listen:`"),
+                ))
+            }
+            (false, None, Some(_)) => {
+                return Err(e(
+                    &["intercept", "fallback"],
+                    "only the local target takes `fallback:`".into(),
+                    Some("on Kubernetes the fallback is the app in the pod: remove `fallback:`"),
+                ))
+            }
+            (false, None, None) => (None, None),
+        };
+        if local && i.service.is_some() {
+            return Err(e(&["intercept", "service"], "the local target has no Services".into(), None));
+        }
+        Ok(Intercept { service: i.service, ports, header, lease_ms, listen, fallback })
     }
 }
 

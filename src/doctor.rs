@@ -216,9 +216,22 @@ pub async fn check(svc: &Service) -> bool {
 
 /// Removes what devloop put into the service's pods. Safe to run twice.
 pub async fn down(svc: &Service) -> bool {
-    let Target::Kubernetes(k) = &svc.target else {
-        println!("{}: nothing to undo on {}", svc.name, svc.target.describe());
-        return true;
+    let k = match &svc.target {
+        Target::Kubernetes(k) => k,
+        Target::Local { root } => {
+            // An intercept's forwarder that a killed devloop left running.
+            let record = crate::endpoint::forwarder::record_path(root);
+            if crate::endpoint::forwarder::stop(&record) {
+                println!("{}: stopped the intercept's forwarder", svc.name);
+            } else {
+                println!("{}: nothing to undo on {}", svc.name, svc.target.describe());
+            }
+            return true;
+        }
+        Target::Exec { .. } => {
+            println!("{}: nothing to undo on {}", svc.name, svc.target.describe());
+            return true;
+        }
     };
     let c = match kubernetes::connect(k).await {
         Ok(c) => c,

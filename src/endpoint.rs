@@ -11,6 +11,7 @@
 //! - [`kubernetes`]: a pod's container, through the API server's exec.
 
 pub mod exec;
+pub mod forwarder;
 pub mod helper;
 pub mod kubernetes;
 pub mod local;
@@ -47,6 +48,10 @@ pub enum TargetError {
     },
     #[error(transparent)]
     Kubernetes(Box<kubernetes::KubeError>),
+    #[error("devloop-forward binary not found (looked in {looked})")]
+    ForwarderNotFound { looked: String },
+    #[error("the intercept's forwarder did not start (its log, {log}, says: {message})")]
+    Forwarder { message: String, log: std::path::PathBuf },
 }
 
 impl TargetError {
@@ -62,6 +67,13 @@ impl TargetError {
                 Some("check that the command exists and is executable (target.exec.command)".into())
             }
             TargetError::Token { .. } => None,
+            TargetError::ForwarderNotFound { .. } => Some(
+                "build it with `cargo build --workspace` (it lands next to devloop), or set DEVLOOP_FORWARD_BIN to its path"
+                    .into(),
+            ),
+            TargetError::Forwarder { .. } => {
+                Some("another process may hold the intercept's address (`listen:`); free it, or change it".into())
+            }
             TargetError::Kubernetes(k) => k.hint(),
         }
     }

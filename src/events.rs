@@ -188,6 +188,41 @@ pub enum Kind {
     EventsLost {
         count: u64,
     },
+    /// The intercept is held: calls to these ports (`SERVICE_PORT →
+    /// localhost:LOCAL`) reach this machine; with `header`, only the
+    /// HTTP/1.1 requests that carry it.
+    InterceptOn {
+        ports: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        header: Option<String>,
+    },
+    /// The intercept is not held any more; `reason` says why, and who
+    /// answers now.
+    InterceptOff {
+        reason: String,
+    },
+    /// An intercepted connection reached this machine.
+    InterceptOpened {
+        port: u16,
+        peer: String,
+        local: u16,
+    },
+    /// It ended: bytes each way (`bytes_in` to the local process), and how
+    /// long it lasted.
+    InterceptClosed {
+        port: u16,
+        peer: String,
+        bytes_in: u64,
+        bytes_out: u64,
+        ms: u64,
+    },
+    /// Nothing listens on the local port: the caller's connection was
+    /// closed at once (or answered `502` by devloop, for HTTP).
+    InterceptRefused {
+        port: u16,
+        local: u16,
+        message: String,
+    },
 }
 
 /// Sends events for one service (and one of its pods).
@@ -329,6 +364,21 @@ pub fn plain(ev: &Event) -> String {
             format!("{action}: {}{message}", if *ok { "" } else { "failed: " })
         }
         Kind::EventsLost { count } => format!("(fell behind: {count} events not shown)"),
+        Kind::InterceptOn { ports, header } => format!(
+            "intercepting {}{}",
+            ports.join(", "),
+            header.as_ref().map(|h| format!(" (requests with {h} only)")).unwrap_or_default()
+        ),
+        Kind::InterceptOff { reason } => format!("intercept released: {reason}"),
+        Kind::InterceptOpened { port, peer, local } => format!("intercept {port}: {peer} → localhost:{local}"),
+        Kind::InterceptClosed { port, peer, bytes_in, bytes_out, ms } => format!(
+            "intercept {port}: {peer} done in {ms} ms ({} in, {} out)",
+            human_bytes(*bytes_in),
+            human_bytes(*bytes_out)
+        ),
+        Kind::InterceptRefused { port, local, message } => {
+            format!("intercept {port}: refused, nothing listens on localhost:{local} ({message})")
+        }
         Kind::Error { message, hint } => match hint {
             Some(h) => format!("error: {message}\n  hint: {h}"),
             None => format!("error: {message}"),

@@ -32,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod filter;
 pub mod hub;
+pub mod intercept;
 pub mod service;
 pub mod session;
 pub mod state;

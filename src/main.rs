@@ -66,6 +66,20 @@ enum Command {
         /// Only these services (default: all).
         services: Vec<String>,
     },
+    /// Route the calls that reach a service to a process on this machine,
+    /// with no sync, until Ctrl-C (then they go back to the app).
+    Intercept {
+        /// The service in devloop.yaml.
+        service: String,
+        /// SERVICE_PORT:LOCAL_PORT (repeatable): replaces the service's
+        /// `intercept.ports`.
+        #[arg(long = "port", value_name = "SVC:LOCAL")]
+        ports: Vec<String>,
+        /// NAME=VALUE: only the HTTP/1.1 requests with this header (a
+        /// personal intercept).
+        #[arg(long, value_name = "NAME=VALUE")]
+        header: Option<String>,
+    },
     /// Remove what devloop put into targets (agents injected into pods).
     /// Safe to run twice, and after a crash.
     Down {
@@ -93,11 +107,24 @@ fn main() -> ExitCode {
         }
     };
     let cfg = override_kube(cfg, cli.context, cli.namespace);
-    let (mode, only) = match cli.command {
+    let mut intercept_only = false;
+    let (mode, only, cfg) = match cli.command {
         Command::Doctor { services } => return admin(cfg, &services, format, true),
         Command::Down { services } => return admin(cfg, &services, format, false),
-        Command::Watch { services } => (Mode::Watch, services),
-        Command::Sync { once: true, services } => (Mode::Once, services),
+        Command::Watch { services } => (Mode::Watch, services, cfg),
+        Command::Sync { once: true, services } => (Mode::Once, services, cfg),
+        Command::Intercept { service, ports, header } => {
+            match intercept_config(cfg, &service, &ports, header.as_deref()) {
+                Ok(cfg) => {
+                    intercept_only = true;
+                    (Mode::Watch, vec![service], cfg)
+                }
+                Err((m, hint)) => {
+                    report_fatal(format, &m, Some(&hint), None);
+                    return ExitCode::from(exit::CONFIG);
+                }
+            }
+        }
         Command::Sync { once: false, .. } => {
             report_fatal(
                 format,
@@ -125,7 +152,63 @@ fn main() -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    ExitCode::from(rt.block_on(run(cfg, mode, format)))
+    ExitCode::from(rt.block_on(run(cfg, mode, intercept_only, format)))
+}
+
+/// The configuration with one service's intercept set from the command
+/// line (`devloop intercept SERVICE --port ... --header ...`).
+fn intercept_config(
+    mut cfg: Config,
+    service: &str,
+    ports: &[String],
+    header: Option<&str>,
+) -> Result<Config, (String, String)> {
+    let Some(svc) = cfg.services.iter_mut().find(|s| s.name == service) else {
+        let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+        return Err((
+            format!("no service `{service}` in {}", cfg.file.display()),
+            format!("name one of: {}", known.join(", ")),
+        ));
+    };
+    if matches!(svc.target, config::Target::Exec { .. }) {
+        return Err((
+            format!("service `{service}` has an exec target, which cannot intercept"),
+            "intercepts need a kubernetes target (or the local one)".into(),
+        ));
+    }
+    let parsed: Result<Vec<config::PortMap>, String> = ports.iter().map(|p| config::PortMap::parse(p)).collect();
+    let parsed = parsed.map_err(|m| (m, "e.g. --port 8080:3000 (service port : local port)".to_string()))?;
+    let header =
+        header.map(config::parse_header).transpose().map_err(|m| (m, "e.g. --header x-dev=alice".to_string()))?;
+    let local = matches!(svc.target, config::Target::Local { .. });
+    let mut i = match (svc.intercept.take(), parsed.is_empty()) {
+        (Some(i), _) => i,
+        (None, true) => {
+            return Err((
+                format!("service `{service}` has no `intercept:` in {}", cfg.file.display()),
+                "give the ports: --port SERVICE_PORT:LOCAL_PORT".into(),
+            ))
+        }
+        (None, false) => config::Intercept {
+            service: None,
+            ports: Vec::new(),
+            header: None,
+            lease_ms: config::DEFAULT_LEASE_MS,
+            listen: local.then_some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+            fallback: None,
+        },
+    };
+    if !parsed.is_empty() {
+        if local && parsed.iter().any(|p| matches!(p.service, config::PortRef::Name(_))) {
+            return Err(("the local target has no named ports".into(), "give port numbers".into()));
+        }
+        i.ports = parsed;
+    }
+    if header.is_some() {
+        i.header = header;
+    }
+    svc.intercept = Some(i);
+    Ok(cfg)
 }
 
 /// The selected services and a runtime to run them on, or the exit code
@@ -218,7 +301,7 @@ fn report_fatal(format: Format, message: &str, hint: Option<&str>, cfg: Option<&
     }
 }
 
-async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
+async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format) -> u8 {
     let hub = devloop::hub::start();
     let Some((_, events)) = hub.subscribe().await else { return exit::INTERNAL };
     let printer = tokio::spawn(events::print(events, format));
@@ -241,7 +324,8 @@ async fn run(cfg: Config, mode: Mode, format: Format) -> u8 {
         let actions = hub.register(&svc.name);
         let name = format!("the session of service {}", svc.name);
         reporters.insert(name.clone(), rep.clone());
-        services.spawn(name, service::run(svc, mode, rep, cancel.child_token(), actions));
+        let work = service::Work { sync: !intercept_only, intercept: mode == Mode::Watch && svc.intercept.is_some() };
+        services.spawn(name, service::run(svc, mode, work, rep, cancel.child_token(), actions));
     }
     let mut code = exit::OK;
     while let Some((name, outcome)) = services.next().await {

@@ -7,7 +7,7 @@
 
 use crate::config::{KubeTarget, Service, Target};
 use crate::endpoint::kubernetes::{self, Cluster};
-use crate::endpoint::{workload, Endpoint};
+use crate::endpoint::{forwarder, workload, Endpoint};
 use crate::events::{Kind, Reporter};
 use crate::hub::{Action, Answer};
 use crate::session::{run_session, Mode, Outcome, SessionSpec};
@@ -25,11 +25,21 @@ const WATCH_HINT: &str = "check fs.inotify.max_user_instances";
 /// How often the pods of a Kubernetes target are listed again.
 const POD_POLL: Duration = Duration::from_secs(2);
 
+/// What a service's sessions do: sync (not for `devloop intercept`), and
+/// intercept (when the service has `intercept:` and this is not a
+/// one-shot sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    pub sync: bool,
+    pub intercept: bool,
+}
+
 /// Runs a service until it is cancelled (or, for a one-shot sync, until
 /// every session has synced once). Actions for it arrive on `actions`.
 pub async fn run(
     svc: Service,
     mode: Mode,
+    work: Work,
     rep: Reporter,
     cancel: CancellationToken,
     actions: mpsc::Receiver<Action>,
@@ -37,8 +47,8 @@ pub async fn run(
     if devloop_agent::fault::hit("session-panic") {
         panic!("fault injected: session-panic");
     }
-    let watch = match mode {
-        Mode::Watch => match Watch::new() {
+    let watch = match (mode, work.sync) {
+        (Mode::Watch, true) => match Watch::new() {
             Ok(w) => Some(w),
             Err(e) => {
                 rep.send(Kind::Error {
@@ -48,21 +58,114 @@ pub async fn run(
                 return Outcome::Unreachable;
             }
         },
-        Mode::Once => None,
+        _ => None,
     };
     match (&svc.target, Endpoint::of(&svc.target)) {
-        (_, Some(ep)) => {
+        (target, Some(ep)) => {
             let restart = svc.app.as_ref().filter(|a| a.spec.is_some()).map(|_| Restart::Agent);
-            let spec = SessionSpec { svc, mode, restart, watch };
-            run_session(spec, ep, rep, cancel, actions).await
+            // The local target's intercept: its forwarder first, held by a
+            // guard that stops it on a clean exit.
+            let local = match (target, work.intercept) {
+                (Target::Local { root }, true) => match local_intercept(&svc, root, &rep).await {
+                    Ok(x) => Some(x),
+                    Err(e) => {
+                        rep.send(Kind::Error { message: crate::error::chain(&e), hint: e.hint() });
+                        return Outcome::Unreachable;
+                    }
+                },
+                _ => None,
+            };
+            let (intercept, guard) = match local {
+                Some((plan, guard)) => (Some(plan), Some(guard)),
+                None => (None, None),
+            };
+            let spec = SessionSpec { svc, mode, restart, watch, sync: work.sync, intercept };
+            let outcome = run_session(spec, ep, rep, cancel, actions).await;
+            if let Some(g) = guard {
+                g.release();
+            }
+            outcome
         }
         (Target::Kubernetes(k), None) => {
             let k = k.clone();
             let watcher = watch.map(|(w, _)| w);
-            follow_pods(svc, k, mode, rep, cancel, actions, watcher).await
+            follow_pods(svc, k, mode, work, rep, cancel, actions, watcher).await
         }
         (_, None) => Outcome::Unreachable,
     }
+}
+
+/// The forwarder of a local target's intercept, to be stopped.
+struct ForwarderGuard {
+    record: std::path::PathBuf,
+    rep: Reporter,
+    armed: bool,
+}
+
+impl ForwarderGuard {
+    /// Undone on a clean exit: nothing devloop started keeps running.
+    fn release(mut self) {
+        self.armed = false;
+        if forwarder::stop(&self.record) {
+            self.rep
+                .send(Kind::InterceptOff { reason: "devloop stopped, and with it the intercept's forwarder".into() });
+        }
+    }
+}
+
+impl Drop for ForwarderGuard {
+    fn drop(&mut self) {
+        // Only when the service ended without a clean exit: the forwarder
+        // keeps sending calls to the fallback; the next start or `down`
+        // stops it.
+        if self.armed {
+            self.rep.send(Kind::Warning {
+                message:
+                    "the intercept's forwarder keeps running (calls go to the fallback): run `devloop down` to stop it"
+                        .into(),
+            });
+        }
+    }
+}
+
+/// Starts (or keeps) the forwarder of a local target's intercept, and
+/// returns what its agent must hold.
+async fn local_intercept(
+    svc: &Service,
+    root: &std::path::Path,
+    rep: &Reporter,
+) -> Result<(crate::intercept::Plan, ForwarderGuard), crate::endpoint::TargetError> {
+    use devloop_agent::protocol::{HeaderMatch, InterceptPort};
+    // Validated with the config: a local target's intercept has `listen`
+    // and numbered ports.
+    let i = svc.intercept.as_ref().expect("an intercept");
+    let ip = i.listen.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let record = forwarder::record_path(root);
+    let old = forwarder::read_record(&record);
+    let (mut routes, mut claims, mut ports, mut local) = (Vec::new(), Vec::new(), Vec::new(), HashMap::new());
+    let app = i.fallback.map(|f| f.to_string());
+    for p in &i.ports {
+        let crate::config::PortRef::Number(port) = p.service else { continue };
+        let kept = old.as_ref().and_then(|o| o.claims.iter().find(|(s, _)| *s == port).map(|(_, c)| *c));
+        let claim = match kept {
+            Some(c) => c,
+            None => forwarder::free_port()
+                .map_err(|source| crate::endpoint::TargetError::Spawn { command: "a free port".into(), source })?,
+        };
+        let listen = std::net::SocketAddr::new(ip, port);
+        routes.push(format!("{listen}={}+127.0.0.1:{claim}", app.as_deref().unwrap_or("-")));
+        claims.push((port, claim));
+        ports.push(InterceptPort { port, listen: format!("127.0.0.1:{claim}"), app: app.clone() });
+        local.insert(port, p.local);
+    }
+    forwarder::ensure(&record, routes, claims).await?;
+    let plan = crate::intercept::Plan {
+        ports,
+        local,
+        header: i.header.clone().map(|(name, value)| HeaderMatch { name, value }),
+        lease_ms: i.lease_ms,
+    };
+    Ok((plan, ForwarderGuard { record, rep: rep.clone(), armed: true }))
 }
 
 /// The restart wrapper devloop put on a workload, to be undone.
@@ -151,10 +254,12 @@ struct Pod {
 /// Keeps one session per ready pod: new pods (a rollout, a scale-up, a
 /// replacement) get the agent and a sync by content; sessions of pods that
 /// went away are stopped.
+#[allow(clippy::too_many_arguments)]
 async fn follow_pods(
     svc: Service,
     k: KubeTarget,
     mode: Mode,
+    work: Work,
     rep: Reporter,
     cancel: CancellationToken,
     mut actions: mpsc::Receiver<Action>,
@@ -241,6 +346,8 @@ async fn follow_pods(
                         mode,
                         restart: restart.clone(),
                         watch: watcher.as_ref().map(Watch::subscribe),
+                        sync: work.sync,
+                        intercept: None,
                     };
                     tasks.spawn(
                         format!("the session of pod {pod}"),

@@ -80,6 +80,10 @@ pub struct SessionSpec {
     /// The watcher (shared by a service's sessions) and this session's
     /// changes; None for a one-shot sync.
     pub watch: Option<(Watch, mpsc::Receiver<Change>)>,
+    /// Whether this session syncs (`devloop intercept` does not).
+    pub sync: bool,
+    /// What this session's agent intercepts, if anything.
+    pub intercept: Option<crate::intercept::Plan>,
 }
 
 /// Runs one endpoint's session until it is cancelled (or, for a one-shot
@@ -102,14 +106,23 @@ pub async fn run_session(
             None
         });
     }
-    {
+    if let Some(plan) = spec.intercept.clone() {
+        let (rep, cancel, conn_rx) = (rep.clone(), tasks.token().clone(), conn_rx.clone());
+        tasks.spawn(format!("the intercept through {what}"), async move {
+            Some(crate::intercept::run(plan, conn_rx, rep, cancel).await)
+        });
+    }
+    if spec.sync {
         let (rep, cancel) = (rep.clone(), tasks.token().clone());
         tasks.spawn(format!("the sync into {what}"), async move {
             Some(sync_session(spec, conn_rx, rep, cancel, actions).await)
         });
+    } else {
+        drop(actions);
     }
-    // The sync decides: when it ends (done, stopped, or it panicked), the
-    // connection is closed and the agent stopped.
+    // The first user of the connection to end decides (the sync is done,
+    // stopped, or something panicked): then the connection is closed and
+    // the agent stopped.
     let mut outcome = None;
     while let Some((_, r)) = tasks.next().await {
         match r {
@@ -164,7 +177,7 @@ async fn sync_session(
     cancel: CancellationToken,
     mut actions: mpsc::Receiver<Action>,
 ) -> Outcome {
-    let SessionSpec { svc, mode, restart, watch } = spec;
+    let SessionSpec { svc, mode, restart, watch, .. } = spec;
     let app = svc.app.as_ref().and_then(|a| a.spec.clone());
     let (watcher, mut changes) = match watch {
         Some((w, rx)) => (Some(w), Some(rx)),

@@ -57,7 +57,9 @@ async fn actions_reach_the_session_and_are_answered() {
     let (_, mut rx) = hub.subscribe().await.unwrap();
     let cancel = CancellationToken::new();
     let svc = cfg.services[0].clone();
-    let run = tokio::spawn(service::run(svc, Mode::Watch, hub.reporter("svc"), cancel.clone(), hub.register("svc")));
+    let work = service::Work { sync: true, intercept: false };
+    let run =
+        tokio::spawn(service::run(svc, Mode::Watch, work, hub.reporter("svc"), cancel.clone(), hub.register("svc")));
     wait_for(&mut rx, "watching", |v| v["type"] == "watching").await;
     let first = wait_for(&mut rx, "app_started", |v| v["type"] == "app_started").await["pid"].clone();
 

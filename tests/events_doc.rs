@@ -43,6 +43,11 @@ fn every_kind() -> Vec<Kind> {
         Kind::AgentInjecting { bytes: 1 },
         Kind::ActionDone { action: s(), ok: true, message: s() },
         Kind::EventsLost { count: 1 },
+        Kind::InterceptOn { ports: vec![s()], header: Some(s()) },
+        Kind::InterceptOff { reason: s() },
+        Kind::InterceptOpened { port: 1, peer: s(), local: 2 },
+        Kind::InterceptClosed { port: 1, peer: s(), bytes_in: 1, bytes_out: 1, ms: 1 },
+        Kind::InterceptRefused { port: 1, local: 2, message: s() },
     ];
     // A new kind fails to compile here until it is in the list above.
     for k in &all {
@@ -72,7 +77,12 @@ fn every_kind() -> Vec<Kind> {
             | Kind::Error { .. }
             | Kind::AgentInjecting { .. }
             | Kind::ActionDone { .. }
-            | Kind::EventsLost { .. } => {}
+            | Kind::EventsLost { .. }
+            | Kind::InterceptOn { .. }
+            | Kind::InterceptOff { .. }
+            | Kind::InterceptOpened { .. }
+            | Kind::InterceptClosed { .. }
+            | Kind::InterceptRefused { .. } => {}
         }
     }
     all

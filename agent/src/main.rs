@@ -4,6 +4,8 @@
 //! or a loopback TCP port.
 
 mod apply;
+mod http;
+mod intercept;
 mod run;
 mod server;
 

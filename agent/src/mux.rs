@@ -228,6 +228,9 @@ struct Shared {
     bulk: mpsc::Sender<Out>,
     reg: mpsc::UnboundedSender<Reg>,
     next_id: AtomicU32,
+    /// When the last frame came from the peer (ms since `epoch`).
+    heard: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl Mux {
@@ -268,6 +271,13 @@ impl Mux {
         self.shared.urgent.is_closed()
     }
 
+    /// How long since the last frame came from the peer (its pings come
+    /// every heartbeat interval, so this stays under one while it is there).
+    pub fn silent_for(&self) -> Duration {
+        let heard = self.shared.heard.load(Ordering::Relaxed);
+        self.shared.epoch.elapsed().saturating_sub(Duration::from_millis(heard))
+    }
+
     fn urgent(&self, frame: Vec<u8>) {
         let _ = self.shared.urgent.send(Out::Frame(frame));
     }
@@ -295,6 +305,8 @@ where
             bulk: bulk_tx,
             reg: reg_tx,
             next_id: AtomicU32::new(first_id),
+            heard: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }),
     };
     tokio::spawn(write_loop(wr, urgent_rx, bulk_rx, hb));
@@ -486,6 +498,8 @@ impl Reader {
                 Ok(n) => {
                     self.buf.truncate(have + n);
                     deadline = tokio::time::Instant::now() + self.hb.dead_after;
+                    let s = &self.mux.shared;
+                    s.heard.store(s.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return End::Eof,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return End::Eof,

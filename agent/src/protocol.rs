@@ -293,6 +293,31 @@ pub enum StreamHeader {
     /// Connect to `host:port` from the agent's side and carry that
     /// connection (CLI → agent).
     Dial { host: String, port: u16 },
+    /// A connection the agent accepted on an intercepted `port`, from
+    /// `peer` (agent → CLI).
+    Inbound { port: u16, peer: String },
+}
+
+/// One intercepted port, as the agent serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterceptPort {
+    /// The port's number for people and events (the Service's port).
+    pub port: u16,
+    /// Where the agent listens (`ip:port`): the claim port the forwarder
+    /// tries first, on loopback.
+    pub listen: String,
+    /// Where a connection that is not devloop's goes (`ip:port`): the
+    /// app's own port. None: such a connection is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+}
+
+/// A personal intercept's header: only the HTTP/1.1 requests that carry it
+/// (name matched without case, value exactly) go to the developer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
 }
 
 impl StreamHeader {
@@ -359,6 +384,26 @@ pub enum Control {
     AppConfigure { app: Option<AppSpec> },
     /// Restart the app process now.
     AppRestart {},
+    /// Take the intercept: listen on each port's `listen` address and carry
+    /// every connection there to the CLI as an [`StreamHeader::Inbound`]
+    /// stream, or, with `header`, only the HTTP/1.1 requests that carry it
+    /// (the rest go to the port's `app`). Replaces any intercept the
+    /// session holds. Held while the CLI is heard from within `lease_ms`:
+    /// past that, the agent ends the session, and with it the intercept.
+    Intercept { ports: Vec<InterceptPort>, header: Option<HeaderMatch>, lease_ms: u64 },
+    /// Release the intercept.
+    InterceptStop {},
+    /// Ask for the agent's environment (the container's, as the app sees
+    /// it; the session token is not in it).
+    EnvRequest { id: u64 },
+
+    // ---- agent -> CLI (answers) ----
+    /// The intercept is held: listening on these addresses.
+    InterceptHeld { listening: Vec<String> },
+    /// The intercept could not be taken (a port in use, say).
+    InterceptFailed { message: String },
+    /// The answer to [`Control::EnvRequest`].
+    Env { id: u64, vars: Vec<(String, String)> },
 }
 
 /// One path in an index.

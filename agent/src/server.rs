@@ -8,12 +8,12 @@
 //! the session owns (they end with it). A stream of a kind this agent does
 //! not know is refused by the reader; the session goes on.
 
-use crate::{apply, run};
+use crate::{apply, intercept, run};
 use devloop_agent::handshake;
 use devloop_agent::index::{self, WalkOptions};
 use devloop_agent::mux::{self, close_code, Accepted, End, Heartbeat, Incoming, Mux as Outbound, Role, Stream};
 use devloop_agent::paths::{self, WirePath};
-use devloop_agent::protocol::{CommandSpec, Control, ErrorCode, StreamHeader, PROTOCOL_VERSION};
+use devloop_agent::protocol::{self, CommandSpec, Control, ErrorCode, StreamHeader, PROTOCOL_VERSION};
 use devloop_agent::VERSION;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -205,8 +205,23 @@ where
     let mut queued: VecDeque<Queued> = VecDeque::new();
     // The connections this session's streams carry: they end with it.
     let mut tunnels = tokio::task::JoinSet::new();
+    // The intercept this session holds, if it holds one: it ends with the
+    // session, or when the CLI is not heard from within its lease.
+    let mut held: Option<intercept::Held> = None;
+    let mut lease_check = tokio::time::interval(Duration::from_millis(250));
     let end = loop {
         let item = tokio::select! {
+            _ = lease_check.tick(), if held.is_some() => {
+                let lease = held.as_ref().map_or(Duration::MAX, |h| h.lease);
+                if out.silent_for() > lease {
+                    let m = format!("no word from devloop within the intercept's lease of {lease:?}: releasing the intercept");
+                    eprintln!("devloop-agent: {m}");
+                    held = None;
+                    out.close(close_code::SHUTDOWN, m.clone());
+                    break End::Dead(lease);
+                }
+                continue;
+            }
             item = rx.recv() => item,
             ev = app_events.recv() => {
                 match ev {
@@ -236,6 +251,10 @@ where
                 tunnels.spawn(dial(host, port, stream));
                 None
             }
+            Incoming::Open(Accepted { header: StreamHeader::Inbound { .. }, stream }) => {
+                stream.reset("only the agent opens inbound streams");
+                None
+            }
             Incoming::Control(Control::Batch { id, deletes, commands, restart }) => {
                 Some((id, deletes, commands, restart, None))
             }
@@ -249,6 +268,30 @@ where
             }
             Incoming::Control(Control::AppRestart {}) => {
                 shared.app.restart();
+                None
+            }
+            Incoming::Control(Control::Intercept { ports, header, lease_ms }) => {
+                // A new intercept replaces the old: its listeners go first,
+                // so the same ports can be taken again.
+                held = None;
+                match intercept::hold(ports, header, lease_ms, out.clone()).await {
+                    Ok(h) => {
+                        let _ = out.control(Control::InterceptHeld { listening: h.listening.clone() });
+                        held = Some(h);
+                    }
+                    Err(message) => {
+                        let _ = out.control(Control::InterceptFailed { message });
+                    }
+                }
+                None
+            }
+            Incoming::Control(Control::InterceptStop {}) => {
+                held = None;
+                None
+            }
+            Incoming::Control(Control::EnvRequest { id }) => {
+                let vars = std::env::vars().filter(|(k, _)| k != protocol::TOKEN_ENV).collect();
+                let _ = out.control(Control::Env { id, vars });
                 None
             }
             Incoming::Control(other) | Incoming::Batch { control: other, .. } => {
@@ -271,6 +314,7 @@ where
         acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
     };
     tunnels.abort_all();
+    drop(held);
     let clean =
         matches!(end, End::Closed { code: close_code::NORMAL, .. } | End::Closed { code: close_code::SHUTDOWN, .. });
     if !clean {

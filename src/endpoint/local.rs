@@ -13,18 +13,24 @@ pub const AGENT_BIN_ENV: &str = "DEVLOOP_AGENT_BIN";
 /// Finds the agent binary: `DEVLOOP_AGENT_BIN`, then next to the devloop
 /// executable (where `cargo build` and `cargo install` put it), then `PATH`.
 pub fn agent_binary() -> Result<PathBuf, TargetError> {
+    find_binary(AGENT_BIN_ENV, "devloop-agent").map_err(|looked| TargetError::AgentNotFound { looked })
+}
+
+/// Finds one of devloop's binaries: the variable `env` if set, then next to
+/// the devloop executable, then `PATH`. Err says where it looked.
+pub fn find_binary(env: &str, name: &str) -> Result<PathBuf, String> {
     let mut looked = Vec::new();
-    if let Some(p) = std::env::var_os(AGENT_BIN_ENV) {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         if p.is_file() {
             return Ok(p);
         }
-        looked.push(format!("{AGENT_BIN_ENV}={}", p.display()));
+        looked.push(format!("{env}={}", p.display()));
     }
     if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         // Test binaries live one level down, in target/<profile>/deps.
         for d in [dir.clone(), dir.join("..")] {
-            let p = d.join("devloop-agent");
+            let p = d.join(name);
             if p.is_file() {
                 return Ok(p);
             }
@@ -33,14 +39,14 @@ pub fn agent_binary() -> Result<PathBuf, TargetError> {
     }
     if let Some(path) = std::env::var_os("PATH") {
         for d in std::env::split_paths(&path) {
-            let p = d.join("devloop-agent");
+            let p = d.join(name);
             if p.is_file() {
                 return Ok(p);
             }
         }
         looked.push("PATH".into());
     }
-    Err(TargetError::AgentNotFound { looked: looked.join(", ") })
+    Err(looked.join(", "))
 }
 
 /// The command that runs the agent over stdio, syncing into `root`.
