@@ -61,8 +61,7 @@ pub async fn hold(
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| format!("`{a}` is not an ip:port"))?),
             None => None,
         };
-        let l =
-            TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} for port {}: {e}", p.port))?;
+        let l = listen(addr).map_err(|e| format!("cannot listen on {addr} for port {}: {e}", p.port))?;
         bound.push((l, Port { port: p.port, app, header: header.clone() }));
     }
     let mut tasks = JoinSet::new();
@@ -72,6 +71,16 @@ pub async fn hold(
         tasks.spawn(accept_loop(l, port, mux.clone()));
     }
     Ok(Held { _tasks: tasks, listening, lease: Duration::from_millis(lease_ms.max(100)) })
+}
+
+/// Callers arrive in bursts (a thousand at once, from the forwarder's
+/// threads): the accept queue is deep, since a SYN that finds it full is
+/// dropped and retried only a second later.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
 }
 
 async fn accept_loop(l: TcpListener, port: Port, mux: Mux) {

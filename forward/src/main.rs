@@ -24,9 +24,14 @@ CLAIM (devloop's agent, on loopback) when something listens there, else to
 APP (the app's own port; `-` for none: the connection is closed). Example:
   devloop-forward 0.0.0.0:40080=127.0.0.1:8080+127.0.0.1:40081";
 
-/// How long a connection to the agent's claim port may take (it is on
-/// loopback: an agent that is there answers at once).
-const CLAIM_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a connection to the agent's claim port may take. It is on
+/// loopback, where a port nobody listens on refuses at once; a connection
+/// that waits has found a live agent's accept queue full, and it is that
+/// agent's to take.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+/// The accept queue's depth: callers arrive in bursts, and a SYN that
+/// finds the queue full is retried only a second later.
+const BACKLOG: i32 = 4096;
 /// How long a connection to the app may take.
 const APP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Each connection's two copying threads need little stack.
@@ -66,7 +71,10 @@ fn main() {
     let mut listeners = Vec::new();
     for r in &routes {
         match TcpListener::bind(r.listen) {
-            Ok(l) => listeners.push((l, *r)),
+            Ok(l) => {
+                deepen(&l);
+                listeners.push((l, *r))
+            }
             Err(e) => {
                 eprintln!("devloop-forward: cannot listen on {}: {e}", r.listen);
                 std::process::exit(1);
@@ -88,6 +96,22 @@ fn main() {
         let _ = t.join();
     }
 }
+
+/// std listens with a backlog of 128 and has no setting: listening again
+/// on the same socket only changes the queue's depth.
+#[cfg(unix)]
+fn deepen(l: &TcpListener) {
+    extern "C" {
+        fn listen(fd: i32, backlog: i32) -> i32;
+    }
+    // SAFETY: the descriptor is a bound, listening socket this process owns.
+    unsafe {
+        listen(std::os::fd::AsRawFd::as_raw_fd(l), BACKLOG);
+    }
+}
+
+#[cfg(not(unix))]
+fn deepen(_: &TcpListener) {}
 
 fn serve(l: TcpListener, r: Route) {
     loop {
