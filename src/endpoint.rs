@@ -68,7 +68,7 @@ impl TargetError {
             }
             TargetError::Token { .. } => None,
             TargetError::ForwarderNotFound { .. } => Some(
-                "build it with `cargo build --workspace` (it lands next to devloop), or set DEVLOOP_FORWARD_BIN to its path"
+                "install devloop with `scripts/install` (it puts devloop-forward next to devloop), build it with `scripts/build-agent` in the source tree, or set DEVLOOP_FORWARD_BIN to its path"
                     .into(),
             ),
             TargetError::Forwarder { .. } => {

@@ -40,10 +40,12 @@ pub fn read_record(path: &Path) -> Option<Record> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Finds the forwarder: `DEVLOOP_FORWARD_BIN`, then next to the devloop
-/// executable (where `cargo build` puts it), then `PATH`.
+/// Finds the forwarder (statically linked: the same binary serves this
+/// machine and pods): `DEVLOOP_FORWARD_BIN`, then next to the devloop
+/// executable (where `scripts/install` puts it), then where
+/// `scripts/build-agent` builds it, then `PATH`.
 pub fn binary() -> Result<PathBuf, TargetError> {
-    super::local::find_binary(FORWARD_BIN_ENV, "devloop-forward")
+    super::local::find_binary(FORWARD_BIN_ENV, "devloop-forward", Some("devloop-forward"))
         .map_err(|looked| TargetError::ForwarderNotFound { looked })
 }
 

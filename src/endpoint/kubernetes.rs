@@ -209,28 +209,14 @@ pub struct AgentImage {
 
 /// Finds and reads the static agent: `DEVLOOP_AGENT_STATIC`, then
 /// `devloop-agent-static` next to devloop, then where `scripts/build-agent`
-/// puts it in a cargo target directory.
+/// puts it in a cargo target directory, then on `PATH`.
 pub fn agent_image() -> Result<AgentImage, KubeError> {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os(AGENT_STATIC_ENV) {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
-        candidates.push(dir.join("devloop-agent-static"));
-        // target/<profile>/devloop or target/<profile>/deps/<test binary>
-        for up in [dir.join(".."), dir.join("../..")] {
-            candidates.push(up.join("x86_64-unknown-linux-gnu/agent/devloop-agent"));
-        }
-    }
-    for p in &candidates {
-        if let Ok(bytes) = std::fs::read(p) {
-            let sha256 = hex(&Sha256::digest(&bytes));
-            return Ok(AgentImage { bytes, sha256, path: p.clone() });
-        }
-    }
-    Err(KubeError::NoStaticAgent {
-        looked: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-    })
+    let path = super::local::find_binary(AGENT_STATIC_ENV, "devloop-agent-static", Some("devloop-agent"))
+        .map_err(|looked| KubeError::NoStaticAgent { looked })?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| KubeError::NoStaticAgent { looked: format!("{}: {e}", path.display()) })?;
+    let sha256 = hex(&Sha256::digest(&bytes));
+    Ok(AgentImage { bytes, sha256, path })
 }
 
 fn hex(b: &[u8]) -> String {

@@ -13,12 +13,15 @@ pub const AGENT_BIN_ENV: &str = "DEVLOOP_AGENT_BIN";
 /// Finds the agent binary: `DEVLOOP_AGENT_BIN`, then next to the devloop
 /// executable (where `cargo build` and `cargo install` put it), then `PATH`.
 pub fn agent_binary() -> Result<PathBuf, TargetError> {
-    find_binary(AGENT_BIN_ENV, "devloop-agent").map_err(|looked| TargetError::AgentNotFound { looked })
+    find_binary(AGENT_BIN_ENV, "devloop-agent", None).map_err(|looked| TargetError::AgentNotFound { looked })
 }
 
-/// Finds one of devloop's binaries: the variable `env` if set, then next to
-/// the devloop executable, then `PATH`. Err says where it looked.
-pub fn find_binary(env: &str, name: &str) -> Result<PathBuf, String> {
+/// Finds one of devloop's binaries: the variable `env` if set, then `name`
+/// next to the devloop executable, then (for the statically linked ones
+/// that `scripts/build-agent` builds, `built`) in the cargo target
+/// directory devloop was built in, then `name` on `PATH`. Err says where
+/// it looked.
+pub fn find_binary(env: &str, name: &str, built: Option<&str>) -> Result<PathBuf, String> {
     let mut looked = Vec::new();
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
@@ -27,26 +30,21 @@ pub fn find_binary(env: &str, name: &str) -> Result<PathBuf, String> {
         }
         looked.push(format!("{env}={}", p.display()));
     }
+    let mut candidates = Vec::new();
     if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         // Test binaries live one level down, in target/<profile>/deps.
-        for d in [dir.clone(), dir.join("..")] {
-            let p = d.join(name);
-            if p.is_file() {
-                return Ok(p);
-            }
+        let ups = [dir.clone(), dir.join("..")];
+        candidates.extend(ups.iter().map(|d| d.join(name)));
+        if let Some(built) = built {
+            candidates.extend(ups.iter().map(|d| d.join("../x86_64-unknown-linux-gnu/agent").join(built)));
         }
         looked.push(dir.display().to_string());
     }
     if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            let p = d.join(name);
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join(name)));
         looked.push("PATH".into());
     }
-    Err(looked.join(", "))
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| looked.join(", "))
 }
 
 /// The command that runs the agent over stdio, syncing into `root`.
