@@ -804,6 +804,13 @@ impl Validator<'_> {
                 Some("intercepts need a kubernetes target (or the local one, for trying it out)"),
             ));
         }
+        if let Target::Kubernetes(KubeTarget { pods: PodSelector::Labels(_) | PodSelector::Pod(_), .. }) = target {
+            return Err(e(
+                &["intercept"],
+                "intercepting needs the workload: devloop adds its forwarder to the pod template".into(),
+                Some("give `deployment:` or `statefulset:` in the kubernetes target instead of `selector:` or `pod:`"),
+            ));
+        }
         if i.ports.is_empty() {
             return Err(e(&["intercept", "ports"], "no ports".into(), Some("e.g. `ports: [\"8080:3000\"]`")));
         }

@@ -3,14 +3,16 @@
 //!
 //! What devloop leaves in a cluster: the agent binary in each container's
 //! /tmp (reused by the next run), after a crash possibly an agent process,
-//! and, for a service that restarts the container's own process, the
-//! restart wrapper on its workload (recorded in an annotation) and the
-//! ReplicaSet that rollout made. `down` removes them all and restores the
-//! workload.
+//! for a service that restarts the container's own process the restart
+//! wrapper on its workload (recorded in an annotation), after a crash of
+//! an intercept the Service steered to the forwarder, the forwarder in the
+//! pod template and its ConfigMap (each recorded in an annotation), and
+//! the ReplicaSets those rollouts made. `down` removes them all and
+//! restores the Service and the workload.
 
 use crate::config::{Service, Target};
 use crate::endpoint::kubernetes::{self, Cluster, KubeError};
-use crate::endpoint::{helper, workload};
+use crate::endpoint::{helper, steer, workload};
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use kube::api::{Api, PostParams};
 
@@ -76,6 +78,39 @@ pub const RESTART_NEEDS: &[Need] = &[
     },
 ];
 
+/// What an intercept adds.
+pub const INTERCEPT_NEEDS: &[Need] = &[
+    Need { verb: "get", group: "", resource: "services", subresource: "", why: "read the intercepted Service" },
+    Need { verb: "list", group: "", resource: "services", subresource: "", why: "find the Service of the workload" },
+    Need { verb: "patch", group: "", resource: "services", subresource: "", why: "steer the Service to the forwarder" },
+    Need { verb: "get", group: "", resource: "configmaps", subresource: "", why: "check the forwarder's ConfigMap" },
+    Need { verb: "create", group: "", resource: "configmaps", subresource: "", why: "bring the forwarder to pods" },
+    Need { verb: "update", group: "", resource: "configmaps", subresource: "", why: "update the forwarder" },
+    Need { verb: "delete", group: "", resource: "configmaps", subresource: "", why: "remove the forwarder on exit" },
+    Need {
+        verb: "patch",
+        group: "apps",
+        resource: "deployments",
+        subresource: "",
+        why: "add the forwarder to a Deployment",
+    },
+    Need {
+        verb: "patch",
+        group: "apps",
+        resource: "statefulsets",
+        subresource: "",
+        why: "add the forwarder to a StatefulSet",
+    },
+    Need { verb: "list", group: "apps", resource: "replicasets", subresource: "", why: "find the forwarder's rollout" },
+    Need {
+        verb: "delete",
+        group: "apps",
+        resource: "replicasets",
+        subresource: "",
+        why: "remove the forwarder's rollout on `down`",
+    },
+];
+
 /// What only some pods need: images with no shell get a helper container.
 pub const OPTIONAL_NEEDS: &[Need] = &[Need {
     verb: "patch",
@@ -88,7 +123,12 @@ pub const OPTIONAL_NEEDS: &[Need] = &[Need {
 /// What a service needs.
 pub fn needs(svc: &Service) -> Vec<&'static Need> {
     let restarts = svc.app.as_ref().is_some_and(|a| a.spec.is_none());
-    NEEDS.iter().chain(RESTART_NEEDS.iter().filter(|_| restarts)).collect()
+    let intercepts = svc.intercept.is_some();
+    NEEDS
+        .iter()
+        .chain(RESTART_NEEDS.iter().filter(|_| restarts))
+        .chain(INTERCEPT_NEEDS.iter().filter(|_| intercepts))
+        .collect()
 }
 
 /// Asks the API server whether the current user may do `need` in `ns`.
@@ -285,9 +325,32 @@ pub async fn down(svc: &Service) -> bool {
             }
         }
     }
-    // The workload last: restoring it rolls its pods out.
+    // The workload last: restoring it rolls its pods out. The intercept's
+    // Service first: its calls go back to the app's port at once.
     if let Some(w) = workload::Workload::of(&k.pods) {
         let name = w.describe();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let quiet = crate::events::Reporter::new(&svc.name, tx);
+        match steer::restore(&c, &w, &quiet).await {
+            Ok(r) => {
+                for s in &r.services {
+                    println!("{}: service/{s}: its ports point at the app again (intercept undone)", svc.name);
+                }
+                if r.template {
+                    println!("{}: {name}: removed the intercept's forwarder", svc.name);
+                }
+                if r.configmap {
+                    println!("{}: deleted the forwarder's ConfigMap", svc.name);
+                }
+                if r == steer::Restored::default() && svc.intercept.is_some() {
+                    println!("{}: {name}: no intercept to undo", svc.name);
+                }
+            }
+            Err(e) => {
+                ok = false;
+                fail(&name, e);
+            }
+        }
         match workload::restore(&c, &w).await {
             Ok(Some(container)) => println!(
                 "{}: {name}: restored container `{container}` to its own command (removed the restart wrapper)",
@@ -299,11 +362,11 @@ pub async fn down(svc: &Service) -> bool {
                 fail(&name, e);
             }
         }
-        match workload::remove_wrapper_rollouts(&c, &w).await {
+        match workload::remove_devloop_rollouts(&c, &w).await {
             Ok((0, 0)) => {}
-            Ok((n, 0)) => println!("{}: {name}: deleted {n} ReplicaSet(s) of the wrapper's rollout", svc.name),
+            Ok((n, 0)) => println!("{}: {name}: deleted {n} ReplicaSet(s) of devloop's rollouts", svc.name),
             Ok((n, busy)) => println!(
-                "{}: {name}: deleted {n} ReplicaSet(s) of the wrapper's rollout; {busy} still scaling down \
+                "{}: {name}: deleted {n} ReplicaSet(s) of devloop's rollouts; {busy} still scaling down \
                  (run `devloop down` again when the rollout is done)",
                 svc.name
             ),

@@ -16,6 +16,7 @@ pub mod helper;
 pub mod kubernetes;
 pub mod local;
 mod pod_link;
+pub mod steer;
 pub mod workload;
 
 use crate::config::{Target, TokenVia};

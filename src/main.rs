@@ -176,6 +176,14 @@ fn intercept_config(
             "intercepts need a kubernetes target (or the local one)".into(),
         ));
     }
+    if let config::Target::Kubernetes(k) = &svc.target {
+        if devloop::endpoint::workload::Workload::of(&k.pods).is_none() {
+            return Err((
+                format!("service `{service}`: intercepting needs the workload (devloop adds its forwarder to the pod template)"),
+                "give `deployment:` or `statefulset:` in its kubernetes target instead of `selector:` or `pod:`".into(),
+            ));
+        }
+    }
     let parsed: Result<Vec<config::PortMap>, String> = ports.iter().map(|p| config::PortMap::parse(p)).collect();
     let parsed = parsed.map_err(|m| (m, "e.g. --port 8080:3000 (service port : local port)".to_string()))?;
     let header =

@@ -7,7 +7,7 @@
 
 use crate::config::{KubeTarget, Service, Target};
 use crate::endpoint::kubernetes::{self, Cluster};
-use crate::endpoint::{forwarder, workload, Endpoint};
+use crate::endpoint::{forwarder, steer, workload, Endpoint};
 use crate::events::{Kind, Reporter};
 use crate::hub::{Action, Answer};
 use crate::session::{run_session, Mode, Outcome, SessionSpec};
@@ -245,6 +245,97 @@ async fn wrap_for_restarts(svc: &Service, k: &KubeTarget, cluster: &Cluster, rep
     }
 }
 
+/// The intercept's changes to a workload and its Service, to be undone.
+struct SteerGuard {
+    workload: workload::Workload,
+    cluster: Cluster,
+    rep: Reporter,
+    armed: bool,
+}
+
+impl SteerGuard {
+    /// Invariant 5: undone when devloop exits, the Service first.
+    async fn restore(mut self) {
+        self.armed = false;
+        if let Err(e) = steer::restore(&self.cluster, &self.workload, &self.rep).await {
+            self.rep.send(Kind::Error {
+                message: format!(
+                    "cannot undo the intercept on {}: {}",
+                    self.workload.describe(),
+                    crate::error::chain(&e)
+                ),
+                hint: Some(
+                    "run `devloop down` to undo it (meanwhile the forwarder hands every call to the app)".into(),
+                ),
+            });
+        }
+    }
+}
+
+impl Drop for SteerGuard {
+    fn drop(&mut self) {
+        // Only when the service ended without a clean exit: the forwarder
+        // hands every call to the app; `down` or the next start undoes it.
+        if self.armed {
+            self.rep.send(Kind::Warning {
+                message: format!(
+                    "{} keeps the intercept's forwarder (calls go to the app): run `devloop down` to remove it",
+                    self.workload.describe()
+                ),
+            });
+        }
+    }
+}
+
+/// Sets up the intercept on the workload (the forwarder in its pods) and
+/// returns what each pod's agent must hold; the Service is steered by
+/// [`steer_when_rolled_out`] once the pods have the forwarder.
+async fn steer_workload(
+    svc: &Service,
+    k: &KubeTarget,
+    cluster: &Cluster,
+    rep: &Reporter,
+) -> Result<(SteerGuard, steer::Record), kubernetes::KubeError> {
+    // Validated with the config: an intercept on Kubernetes names a
+    // workload.
+    let w = workload::Workload::of(&k.pods).expect("a workload");
+    let i = svc.intercept.as_ref().expect("an intercept");
+    let record = steer::resolve(cluster, &w, k.container.as_deref(), i).await?;
+    let forwarder = steer::forwarder_binary()?;
+    steer::apply(cluster, &w, k.container.as_deref(), &record, &forwarder, rep).await?;
+    Ok((SteerGuard { workload: w, cluster: cluster.clone(), rep: rep.clone(), armed: true }, record))
+}
+
+/// Steers the Service once the workload's pods have the forwarder.
+async fn steer_when_rolled_out(cluster: Cluster, w: workload::Workload, record: steer::Record, rep: Reporter) {
+    let done = match steer::rolled_out(&cluster, &w, steer::ROLLOUT_TIMEOUT, &rep).await {
+        Ok(()) => steer::steer_service(&cluster, &w, &record, &rep).await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = done {
+        rep.send(Kind::Error {
+            message: format!("cannot steer service/{} to devloop: {}", record.service, crate::error::chain(&e)),
+            hint: e.hint(),
+        });
+    }
+}
+
+/// A start that does not intercept undoes what a previous run's
+/// intercept left on the workload (a crash, or a config that changed).
+async fn undo_left_intercept(k: &KubeTarget, cluster: &Cluster, rep: &Reporter) {
+    let Some(w) = workload::Workload::of(&k.pods) else { return };
+    match w.get(cluster).await {
+        Ok((annotations, _)) if annotations.contains_key(steer::ANNOTATION) => {}
+        _ => return,
+    }
+    if let Err(e) = steer::restore(cluster, &w, rep).await {
+        rep.send(Kind::Error {
+            message: format!("cannot undo a previous intercept on {}: {}", w.describe(), crate::error::chain(&e)),
+            hint: Some("run `devloop down`".into()),
+        });
+    }
+}
+
 /// One followed pod: how to stop its tasks, and to reach its session.
 struct Pod {
     cancel: CancellationToken,
@@ -281,6 +372,31 @@ async fn follow_pods(
         Mode::Watch => wrap_for_restarts(&svc, &k, &cluster, &rep).await,
         Mode::Once => None,
     };
+    // The intercept: the forwarder into the pod template now, the Service
+    // once the pods have it (a task of its own: sessions start meanwhile).
+    let mut steering: Option<(SteerGuard, tokio::task::JoinHandle<()>)> = None;
+    let mut intercept = None;
+    match (mode, work.intercept) {
+        (Mode::Watch, true) => match steer_workload(&svc, &k, &cluster, &rep).await {
+            Ok((g, record)) => {
+                intercept = svc.intercept.as_ref().map(|i| steer::plan(&record, i));
+                let task =
+                    tokio::spawn(steer_when_rolled_out(cluster.clone(), g.workload.clone(), record, rep.clone()));
+                steering = Some((g, task));
+            }
+            Err(e) => {
+                rep.send(Kind::Error {
+                    message: format!("cannot intercept: {}", crate::error::chain(&e)),
+                    hint: e.hint(),
+                });
+                if !work.sync {
+                    return Outcome::Unreachable;
+                }
+            }
+        },
+        (Mode::Watch, false) => undo_left_intercept(&k, &cluster, &rep).await,
+        (Mode::Once, _) => {}
+    }
     let restart = match svc.app.as_ref() {
         Some(a) if a.spec.is_none() => Some(Restart::Command(workload::restart_command())),
         Some(_) => Some(Restart::Agent),
@@ -347,7 +463,7 @@ async fn follow_pods(
                         restart: restart.clone(),
                         watch: watcher.as_ref().map(Watch::subscribe),
                         sync: work.sync,
-                        intercept: None,
+                        intercept: intercept.clone(),
                     };
                     tasks.spawn(
                         format!("the session of pod {pod}"),
@@ -382,8 +498,13 @@ async fn follow_pods(
             return worst;
         }
     }
-    // Stopped: every session closes its agent, then the workload is put
-    // back.
+    // Stopped: the Service goes back to the app first, then every session
+    // closes its agent, then the workload is put back.
+    if let Some((g, task)) = steering {
+        task.abort();
+        let _ = task.await;
+        g.restore().await;
+    }
     for (_, o) in tasks.shutdown().await {
         worst = worst.worse(o.unwrap_or(Outcome::Panicked));
     }

@@ -57,6 +57,11 @@ pub async fn hold(
     let mut bound = Vec::new();
     for p in &ports {
         let addr: SocketAddr = p.listen.parse().map_err(|_| format!("`{}` is not an ip:port", p.listen))?;
+        // Only the forwarder in front of it faces the network: what reaches
+        // the agent's own listeners comes from the same host (or pod).
+        if !addr.ip().is_loopback() {
+            return Err(format!("`{addr}`: the agent listens on loopback only"));
+        }
         let app = match &p.app {
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| format!("`{a}` is not an ip:port"))?),
             None => None,

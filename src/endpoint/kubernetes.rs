@@ -70,6 +70,8 @@ pub enum KubeError {
     Timeout { pod: String, command: String, secs: u64 },
     #[error("no static agent binary to inject (looked in {looked})")]
     NoStaticAgent { looked: String },
+    #[error("no devloop-forward binary for the intercept (looked in {looked})")]
+    NoForwarder { looked: String },
 }
 
 impl KubeError {
@@ -87,6 +89,10 @@ impl KubeError {
             KubeError::Arch { .. } => format!("build an agent for that architecture and point {AGENT_STATIC_ENV} at it"),
             KubeError::Checksum { .. } => "the container's /tmp may be full or read-only; devloop will retry".into(),
             KubeError::Timeout { .. } => "the pod or the API server is slow or stuck; devloop will retry".into(),
+            KubeError::NoForwarder { .. } => format!(
+                "install devloop with `scripts/install` (it puts devloop-forward next to devloop), build it with `scripts/build-agent` in the source tree, or set {} to it",
+                super::forwarder::FORWARD_BIN_ENV
+            ),
             KubeError::NoStaticAgent { .. } => format!(
                 "install devloop with `scripts/install` (it puts the static agent next to devloop), build it with `scripts/build-agent` in the source tree, or set {AGENT_STATIC_ENV} to a statically linked devloop-agent"
             ),
@@ -146,11 +152,19 @@ pub fn client_with_nodelay(config: Config) -> Result<Client, kube::Error> {
 
 /// Names of the ready pods a selector finds, sorted.
 pub async fn ready_pods(c: &Cluster, sel: &PodSelector) -> Result<Vec<String>, KubeError> {
+    let mut names: Vec<String> =
+        pods(c, sel).await?.into_iter().filter(is_ready).filter_map(|p| p.metadata.name).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Every pod a selector finds, in any state.
+pub async fn pods(c: &Cluster, sel: &PodSelector) -> Result<Vec<Pod>, KubeError> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.namespace);
     let labels = match sel {
         PodSelector::Pod(name) => {
             let p = pods.get_opt(name).await.map_err(|e| api_err(format!("get pod {name}"), e))?;
-            return Ok(p.filter(is_ready).into_iter().filter_map(|p| p.metadata.name).collect());
+            return Ok(p.into_iter().collect());
         }
         PodSelector::Labels(l) => l.clone(),
         PodSelector::Deployment(d) => {
@@ -168,9 +182,7 @@ pub async fn ready_pods(c: &Cluster, sel: &PodSelector) -> Result<Vec<String>, K
         .list(&ListParams::default().labels(&labels))
         .await
         .map_err(|e| api_err(format!("list pods ({labels}) in {}", c.namespace), e))?;
-    let mut names: Vec<String> = list.items.into_iter().filter(is_ready).filter_map(|p| p.metadata.name).collect();
-    names.sort();
-    Ok(names)
+    Ok(list.items)
 }
 
 fn match_labels(

@@ -104,8 +104,14 @@ impl Workload {
         }
     }
 
+    pub fn name(&self) -> &str {
+        match self {
+            Workload::Deployment(n) | Workload::StatefulSet(n) => n,
+        }
+    }
+
     /// Its annotations and pod template.
-    async fn get(&self, c: &Cluster) -> Result<(BTreeMap<String, String>, PodTemplateSpec), KubeError> {
+    pub(crate) async fn get(&self, c: &Cluster) -> Result<(BTreeMap<String, String>, PodTemplateSpec), KubeError> {
         let what = format!("{} in {}", self.describe(), c.namespace);
         let (meta, template) = match self {
             Workload::Deployment(n) => {
@@ -127,7 +133,7 @@ impl Workload {
     }
 
     /// A strategic merge patch of the workload.
-    async fn patch(&self, c: &Cluster, body: serde_json::Value) -> Result<(), KubeError> {
+    pub(crate) async fn patch(&self, c: &Cluster, body: serde_json::Value) -> Result<(), KubeError> {
         let pp = PatchParams::default();
         let what = format!("patch {} in {}", self.describe(), c.namespace);
         let r = match self {
@@ -267,14 +273,25 @@ pub async fn restore(c: &Cluster, w: &Workload) -> Result<Option<String>, KubeEr
     Ok(Some(original.container))
 }
 
-/// How long `down` waits for the wrapper's ReplicaSet to be scaled down.
+/// How long `down` waits for devloop's ReplicaSets to be scaled down.
 const ROLLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
-/// Deletes the ReplicaSets of a Deployment whose pods ran the restart
-/// wrapper, once the Deployment has scaled them to zero (after
-/// [`restore`]), so its rollout history is as it was. Returns how many
-/// were deleted, and how many are still scaling down (left in place).
-pub async fn remove_wrapper_rollouts(c: &Cluster, w: &Workload) -> Result<(usize, usize), KubeError> {
+/// Whether a pod template is one devloop changed: its restart wrapper, or
+/// the intercept's forwarder.
+fn changed_by_devloop(p: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    p.containers.iter().any(|k| {
+        k.name == super::steer::SIDECAR
+            || k.command.as_ref().is_some_and(|c| c.get(3).map(String::as_str) == Some(WRAPPER_NAME))
+    })
+}
+
+/// Deletes the ReplicaSets of a Deployment whose pods ran what devloop
+/// put into the template (the restart wrapper, the intercept's
+/// forwarder), once the Deployment has scaled them to zero (after
+/// [`restore`] and the intercept's restore), so its rollout history is as
+/// it was. Returns how many were deleted, and how many are still scaling
+/// down (left in place).
+pub async fn remove_devloop_rollouts(c: &Cluster, w: &Workload) -> Result<(usize, usize), KubeError> {
     let Workload::Deployment(name) = w else { return Ok((0, 0)) };
     let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), &c.namespace);
     let t0 = std::time::Instant::now();
@@ -290,12 +307,7 @@ pub async fn remove_wrapper_rollouts(c: &Cluster, w: &Workload) -> Result<(usize
                 let owned =
                     rs.metadata.owner_references.iter().flatten().any(|o| o.kind == "Deployment" && &o.name == name);
                 let containers = rs.spec.as_ref().and_then(|s| s.template.as_ref()).and_then(|t| t.spec.as_ref());
-                owned
-                    && containers.is_some_and(|p| {
-                        p.containers.iter().any(|k| {
-                            k.command.as_ref().is_some_and(|c| c.get(3).map(String::as_str) == Some(WRAPPER_NAME))
-                        })
-                    })
+                owned && containers.is_some_and(changed_by_devloop)
             })
             .collect();
         let (idle, busy): (Vec<_>, Vec<_>) = wrapped.into_iter().partition(|rs| {
