@@ -925,3 +925,191 @@ async fn an_image_with_no_shell_is_synced_through_a_helper_container() {
     assert_eq!(after.metadata.generation, before.metadata.generation, "the workload was not changed");
     drop(ns);
 }
+
+/// Calls `http://IP/PATH` from the client pod (with an optional header);
+/// returns the body, or "" when nothing answered in 5 s.
+async fn call(pods: &Api<Pod>, client_pod: &str, ip: &str, path: &str, header: Option<&str>) -> String {
+    let header = header.map(|h| format!("--header '{h}' ")).unwrap_or_default();
+    let script = format!("timeout 5 wget -q -O - {header}http://{ip}{path} 2>/dev/null || true");
+    exec(pods, client_pod, &["sh", "-c", &script], None).await
+}
+
+/// Calls until the answer satisfies `want`; returns it and how long it
+/// took. Panics with the last answer after `limit`.
+async fn call_until(
+    pods: &Api<Pod>,
+    client_pod: &str,
+    ip: &str,
+    path: &str,
+    header: Option<&str>,
+    limit: Duration,
+    want: impl Fn(&str) -> bool,
+) -> (String, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let got = call(pods, client_pod, ip, path, header).await;
+        if want(&got) {
+            return (got, t0.elapsed());
+        }
+        assert!(t0.elapsed() < limit, "no wanted answer from {ip}{path} in {limit:?}; last: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn intercept_routes_the_service_to_this_machine_survives_sigkill_and_down_leaves_nothing() {
+    let Some(client) = client().await else { return };
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    // The app answers `app` on its named port `http`; the Service reaches
+    // it by that name.
+    let app = "mkdir -p /tmp/www && echo app > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let mut dep = deployment_n("web", &image(), app, 2);
+    dep.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].ports =
+        Some(vec![serde_json::from_value(serde_json::json!({"name": "http", "containerPort": 8080})).unwrap()]);
+    deps.create(&PostParams::default(), &dep).await.unwrap();
+    deps.create(&PostParams::default(), &deployment("client", &image(), "exec sleep 3600")).await.unwrap();
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "annotations": {"team": "e2e"}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}
+    }))
+    .unwrap();
+    let ip = svcs.create(&PostParams::default(), &svc).await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    rolled_out(&client, &ns.name, "web").await;
+    rolled_out(&client, &ns.name, "client").await;
+    let client_pod = ready_pod(&pods, "client").await;
+    call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(60), |a| a == "app\n").await;
+    let before = namespace_state(&client, &ns.name).await;
+
+    // The developer's process, on this machine.
+    let (dev, _) = util::servers::http("dev");
+    let lease_ms = 2000;
+    let p = util::Project::with_yaml(&format!(
+        "services:\n  web:\n    target:\n      kubernetes: {{namespace: {}, deployment: web, root: /tmp/app}}\n    sync:\n      - from: src\n    intercept: {{ports: [\"web:{dev}\"], lease_ms: {lease_ms}}}\n",
+        ns.name
+    ));
+    p.write("a.txt", b"alpha");
+    let is_dev = |a: &str| a.starts_with("dev GET /index.html");
+    let is_app = |a: &str| a == "app\n";
+
+    println!("step: the Service's calls reach this machine, from every replica");
+    let mut w = tokio::task::block_in_place(|| util::Watching::spawn(p.cmd(&["--json", "watch"]), 0));
+    let steered = tokio::task::block_in_place(|| {
+        w.wait_for("the Service steered", Duration::from_secs(180), |e| {
+            e["type"] == "workload_changed" && e["workload"] == "service/web"
+        })
+    });
+    println!("  {}", steered["change"]);
+    let (_, took) = call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(60), is_dev).await;
+    println!("  first answer from this machine {} ms after the Service was steered", took.as_millis());
+    // Every call, whichever replica kube-proxy picks.
+    for _ in 0..10 {
+        assert!(is_dev(&call(&pods, &client_pod, &ip, "/index.html", None).await));
+    }
+    let s = svcs.get("web").await.unwrap();
+    let recorded = s.metadata.annotations.clone().unwrap_or_default();
+    assert!(recorded["devloop.dev/intercept"].contains("\"targetPort\":\"http\""), "{recorded:?}");
+    assert_eq!(recorded["team"], "e2e");
+    let d = deps.get("web").await.unwrap();
+    assert!(d.metadata.annotations.unwrap_or_default().contains_key("devloop.dev/intercept"));
+    let w_pods = ready_pods(&pods, "web", 2).await;
+
+    println!("step: devloop killed (-9): within the lease the app answers again");
+    w.child.kill().unwrap();
+    let _ = w.child.wait();
+    let (_, took) = call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(30), is_app).await;
+    println!("  the app answered {} ms after SIGKILL (lease {lease_ms} ms)", took.as_millis());
+    assert!(took < Duration::from_millis(lease_ms + 8000), "took {took:?}");
+
+    println!("step: an intercepted pod deleted while devloop is dead: the replacement answers as the app");
+    pods.delete(&w_pods[0], &DeleteParams::default()).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let now = ready_pods(&pods, "web", 2).await;
+        if !now.contains(&w_pods[0]) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "the pod was never replaced");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for _ in 0..10 {
+        assert!(is_app(&call(&pods, &client_pod, &ip, "/index.html", None).await), "every call answered by the app");
+    }
+
+    println!("step: devloop back: the intercept resumes, with no new rollout");
+    let mut w = tokio::task::block_in_place(|| util::Watching::spawn(p.cmd(&["--json", "watch"]), 0));
+    let (_, took) = call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(90), is_dev).await;
+    println!("  this machine answers again {} ms after the restart", took.as_millis());
+    w.drain();
+    assert!(
+        !w.seen.iter().any(|e| e["type"] == "workload_changed"),
+        "the crashed run's forwarder and Service are kept:\n{}",
+        w.dump()
+    );
+
+    println!("step: devloop frozen (a closed lid: SIGSTOP): the lease runs out, the app answers; woken, it resumes");
+    let pid = w.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (_, took) =
+        call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(30), is_app).await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    println!("  the app answered {} ms after devloop froze (lease {lease_ms} ms)", took.as_millis());
+    assert!(took >= Duration::from_millis(lease_ms * 9 / 10), "not before the lease ran out: {took:?}");
+    let (_, took) =
+        call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(60), is_dev).await;
+    println!("  this machine answers again {} ms after devloop woke", took.as_millis());
+
+    println!("step: Ctrl-C: the Service points at the app at once, the template is restored");
+    assert_eq!(tokio::task::block_in_place(move || w.interrupt()), 0);
+    let s = svcs.get("web").await.unwrap();
+    assert!(!s.metadata.annotations.unwrap_or_default().contains_key("devloop.dev/intercept"));
+    let port = &s.spec.unwrap().ports.unwrap()[0];
+    assert_eq!(
+        port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()))
+    );
+    assert!(is_app(&call(&pods, &client_pod, &ip, "/index.html", None).await));
+    rolled_out(&client, &ns.name, "web").await;
+
+    println!("step: a personal intercept: two clients, two places");
+    let mut w = tokio::task::block_in_place(|| {
+        util::Watching::spawn(
+            p.cmd(&["--json", "intercept", "web", "--port", &format!("80:{dev}"), "--header", "x-dev=alice"]),
+            0,
+        )
+    });
+    tokio::task::block_in_place(|| {
+        w.wait_for("the Service steered", Duration::from_secs(180), |e| {
+            e["type"] == "workload_changed" && e["workload"] == "service/web"
+        })
+    });
+    call_until(&pods, &client_pod, &ip, "/index.html", Some("x-dev: alice"), Duration::from_secs(60), is_dev).await;
+    for _ in 0..5 {
+        assert!(is_dev(&call(&pods, &client_pod, &ip, "/index.html", Some("x-dev: alice")).await), "alice's calls");
+        assert!(is_app(&call(&pods, &client_pod, &ip, "/index.html", Some("x-dev: bob")).await), "bob's calls");
+        assert!(is_app(&call(&pods, &client_pod, &ip, "/index.html", None).await), "everyone else's calls");
+    }
+
+    println!("step: killed again, then down puts every object back; a second down finds nothing");
+    w.child.kill().unwrap();
+    let _ = w.child.wait();
+    let down = || {
+        let out = p.cmd(&["down"]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("service/web: its ports point at the app again"), "{text}");
+    assert!(text.contains("removed the intercept's forwarder"), "{text}");
+    assert!(is_app(&call(&pods, &client_pod, &ip, "/index.html", None).await));
+    rolled_out(&client, &ns.name, "web").await;
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("no intercept to undo"), "{text}");
+    let after = namespace_state(&client, &ns.name).await;
+    assert_same_state(&before, &after);
+    drop(ns);
+}

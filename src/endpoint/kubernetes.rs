@@ -272,15 +272,31 @@ pub(crate) async fn exec_output(
             .exec(pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
             .await
             .map_err(|e| api_err(format!("exec `{shown}` in pod {pod}"), e))?;
-        if let (Some(data), Some(mut w)) = (stdin, p.stdin()) {
-            // A failed write shows up as a wrong result below.
-            let _ = w.write_all(data).await;
-            let _ = w.flush().await;
-        }
-        let mut out = String::new();
-        if let Some(mut r) = p.stdout() {
-            let _ = r.read_to_string(&mut out).await;
-        }
+        let (input, output) = (p.stdin(), p.stdout());
+        // Written while the output is read: a command that ends without
+        // reading its input (a full or read-only /tmp) must not leave the
+        // write waiting forever. A failed write shows up as a wrong result.
+        let write = async move {
+            if let (Some(data), Some(mut w)) = (stdin, input) {
+                let _ = w.write_all(data).await;
+                let _ = w.flush().await;
+            }
+        };
+        let read = async move {
+            let mut out = String::new();
+            if let Some(mut r) = output {
+                let _ = r.read_to_string(&mut out).await;
+            }
+            out
+        };
+        tokio::pin!(write, read);
+        let mut written = false;
+        let out = loop {
+            tokio::select! {
+                out = &mut read => break out,
+                _ = &mut write, if !written => written = true,
+            }
+        };
         let _ = p.join().await;
         Ok(out)
     };
@@ -303,7 +319,8 @@ async fn container(c: &Cluster, pod_name: &str, configured: Option<&str>) -> Res
             container: want.to_string(),
             have: names.join(", "),
         }),
-        None => names.into_iter().next().ok_or_else(|| KubeError::NoContainer {
+        // The first of the pod's own: never devloop's forwarder.
+        None => names.into_iter().find(|n| n != super::steer::SIDECAR).ok_or_else(|| KubeError::NoContainer {
             pod: pod_name.to_string(),
             container: "(any)".into(),
             have: "none".into(),

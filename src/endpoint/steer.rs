@@ -404,9 +404,20 @@ pub async fn apply(
         .as_ref()
         .and_then(|s| s.ip_families.as_ref())
         .is_some_and(|f| f.first().map(String::as_str) == Some("IPv6"));
+    // The pod's own containers keep their order, the forwarder comes last:
+    // tools that default to a pod's first container (`kubectl exec`,
+    // `kubectl logs`) keep finding the app.
+    let order: Vec<serde_json::Value> = spec
+        .containers
+        .iter()
+        .filter(|k| k.name != SIDECAR)
+        .map(|k| serde_json::json!({"name": k.name}))
+        .chain([serde_json::json!({"name": SIDECAR})])
+        .collect();
     let body = serde_json::json!({
         "metadata": {"annotations": {ANNOTATION: serde_json::to_string(record).unwrap_or_default()}},
         "spec": {"template": {"spec": {
+            "$setElementOrder/containers": order,
             "containers": [sidecar(record, &image, ipv6)],
             "volumes": [{"name": VOLUME, "configMap": {"name": record.configmap, "defaultMode": 0o755}}]
         }}}

@@ -177,7 +177,7 @@ pub async fn reconcile(
     let spec = template.spec.unwrap_or_default();
     let chosen = match container {
         Some(name) => spec.containers.iter().find(|k| k.name == name),
-        None => spec.containers.first(),
+        None => spec.containers.iter().find(|k| k.name != super::steer::SIDECAR),
     };
     let Some(chosen) = chosen else {
         return Err(KubeError::NoContainer {
