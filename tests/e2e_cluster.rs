@@ -926,6 +926,22 @@ async fn an_image_with_no_shell_is_synced_through_a_helper_container() {
     drop(ns);
 }
 
+/// Waits until the agent of every ready pod of `app` holds the intercept
+/// (until then, calls a pod gets go to its app, by design).
+async fn intercepted_everywhere(client: &Client, ns: &str, app: &str, n: usize, w: &mut util::Watching) {
+    rolled_out(client, ns, app).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for pod in ready_pods(&pods, app, n).await {
+        tokio::task::block_in_place(|| {
+            if !w.seen.iter().any(|e| e["type"] == "intercept_on" && e["pod"] == pod.as_str()) {
+                w.wait_for(&format!("intercept_on in {pod}"), Duration::from_secs(60), |e| {
+                    e["type"] == "intercept_on" && e["pod"] == pod.as_str()
+                });
+            }
+        });
+    }
+}
+
 /// Calls `http://IP/PATH` from the client pod (with an optional header);
 /// returns the body, or "" when nothing answered in 5 s.
 async fn call(pods: &Api<Pod>, client_pod: &str, ip: &str, path: &str, header: Option<&str>) -> String {
@@ -1003,6 +1019,7 @@ async fn intercept_routes_the_service_to_this_machine_survives_sigkill_and_down_
         })
     });
     println!("  {}", steered["change"]);
+    intercepted_everywhere(&client, &ns.name, "web", 2, &mut w).await;
     let (_, took) = call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(60), is_dev).await;
     println!("  first answer from this machine {} ms after the Service was steered", took.as_millis());
     // Every call, whichever replica kube-proxy picks.
@@ -1053,13 +1070,11 @@ async fn intercept_routes_the_service_to_this_machine_survives_sigkill_and_down_
     println!("step: devloop frozen (a closed lid: SIGSTOP): the lease runs out, the app answers; woken, it resumes");
     let pid = w.child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let (_, took) =
-        call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(30), is_app).await;
+    let (_, took) = call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(30), is_app).await;
     unsafe { libc::kill(pid, libc::SIGCONT) };
     println!("  the app answered {} ms after devloop froze (lease {lease_ms} ms)", took.as_millis());
     assert!(took >= Duration::from_millis(lease_ms * 9 / 10), "not before the lease ran out: {took:?}");
-    let (_, took) =
-        call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(60), is_dev).await;
+    let (_, took) = call_until(&pods, &client_pod, &ip, "/index.html", None, Duration::from_secs(60), is_dev).await;
     println!("  this machine answers again {} ms after devloop woke", took.as_millis());
 
     println!("step: Ctrl-C: the Service points at the app at once, the template is restored");
@@ -1086,6 +1101,7 @@ async fn intercept_routes_the_service_to_this_machine_survives_sigkill_and_down_
             e["type"] == "workload_changed" && e["workload"] == "service/web"
         })
     });
+    intercepted_everywhere(&client, &ns.name, "web", 2, &mut w).await;
     call_until(&pods, &client_pod, &ip, "/index.html", Some("x-dev: alice"), Duration::from_secs(60), is_dev).await;
     for _ in 0..5 {
         assert!(is_dev(&call(&pods, &client_pod, &ip, "/index.html", Some("x-dev: alice")).await), "alice's calls");
