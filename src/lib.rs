@@ -33,6 +33,7 @@ pub mod events;
 pub mod filter;
 pub mod hub;
 pub mod intercept;
+pub mod pod_env;
 pub mod service;
 pub mod session;
 pub mod state;

@@ -80,12 +80,36 @@ enum Command {
         #[arg(long, value_name = "NAME=VALUE")]
         header: Option<String>,
     },
+    /// Print the target container's environment (the first ready pod's).
+    Env {
+        /// The service in devloop.yaml.
+        service: String,
+        /// dotenv (NAME="value" lines) or json (one object).
+        #[arg(long, value_enum, default_value = "dotenv")]
+        format: EnvFormatArg,
+    },
+    /// Run a command here with the target container's environment; the
+    /// cluster Services it names are reached through the agent, at local
+    /// addresses put in their place.
+    Run {
+        /// The service in devloop.yaml.
+        service: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Remove what devloop put into targets (agents injected into pods).
     /// Safe to run twice, and after a crash.
     Down {
         /// Only these services (default: all).
         services: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EnvFormatArg {
+    Dotenv,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +135,18 @@ fn main() -> ExitCode {
     let (mode, only, cfg) = match cli.command {
         Command::Doctor { services } => return admin(cfg, &services, format, true),
         Command::Down { services } => return admin(cfg, &services, format, false),
+        Command::Env { service, format: f } => {
+            let f = match f {
+                EnvFormatArg::Dotenv => devloop::pod_env::EnvFormat::Dotenv,
+                EnvFormatArg::Json => devloop::pod_env::EnvFormat::Json,
+            };
+            return pod_world(cfg, &service, format, |svc| async move {
+                devloop::pod_env::print_env(&svc, f).await.map(|()| exit::OK as i32)
+            });
+        }
+        Command::Run { service, command } => {
+            return pod_world(cfg, &service, format, |svc| async move { devloop::pod_env::run(&svc, &command).await });
+        }
         Command::Watch { services } => (Mode::Watch, services, cfg),
         Command::Sync { once: true, services } => (Mode::Once, services, cfg),
         Command::Intercept { service, ports, header } => {
@@ -231,6 +267,27 @@ fn prepare(cfg: Config, only: &[String], format: Format) -> Result<(Config, toki
         ExitCode::FAILURE
     })?;
     Ok((cfg, rt))
+}
+
+/// `env` and `run`: one service's pod world; the exit code is the
+/// command's (for `run`), or devloop's own when the pod cannot be reached.
+fn pod_world<F, Fut>(cfg: Config, service: &str, format: Format, f: F) -> ExitCode
+where
+    F: FnOnce(config::Service) -> Fut,
+    Fut: std::future::Future<Output = Result<i32, devloop::pod_env::Unreached>>,
+{
+    let (mut cfg, rt) = match prepare(cfg, &[service.to_string()], format) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let svc = cfg.services.remove(0);
+    match rt.block_on(f(svc)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            report_fatal(format, &e.message, e.hint.as_deref(), None);
+            ExitCode::from(exit::UNREACHABLE)
+        }
+    }
 }
 
 /// `doctor` (check) or `down` (undo), service by service.

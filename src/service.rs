@@ -437,16 +437,7 @@ async fn follow_pods(
                         continue;
                     }
                     waiting_said = false;
-                    let pe = Arc::new(kubernetes::PodEndpoint {
-                        cluster: cluster.clone(),
-                        pod: pod.clone(),
-                        container: k.container.clone(),
-                        root: k.root.clone(),
-                        agent: agent.clone(),
-                        transport: k.transport,
-                        helper_image: k.helper_image.clone(),
-                        forward_refused: Default::default(),
-                    });
+                    let pe = Arc::new(kubernetes::PodEndpoint::new(cluster.clone(), pod, &k, agent.clone()));
                     let pod_cancel = tasks.token().child_token();
                     let prep = rep.for_pod(pod);
                     if mode == Mode::Watch {

@@ -1125,6 +1125,18 @@ async fn intercept_routes_the_service_to_this_machine_survives_sigkill_and_down_
     let (code, text) = tokio::task::block_in_place(down);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("no intercept to undo"), "{text}");
+
+    println!("step: `devloop run`: a command here reaches the Service the pod's environment names, through the agent");
+    let script =
+        "echo \"addr=$WEB_SERVICE_HOST:$WEB_SERVICE_PORT\"; exec 3<>/dev/tcp/$WEB_SERVICE_HOST/$WEB_SERVICE_PORT; \
+                  printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
+    let out = tokio::task::block_in_place(|| p.cmd(&["run", "web", "--", "bash", "-c", script]).output().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("addr=127.0.0.1:"), "the local address in place of {ip}: {stdout}");
+    assert!(stdout.ends_with("\r\n\r\napp\n"), "the app's answer, through the agent: {stdout}");
+    let (code, text) = tokio::task::block_in_place(down);
+    assert_eq!(code, Some(0), "{text}");
     let after = namespace_state(&client, &ns.name).await;
     assert_same_state(&before, &after);
     drop(ns);

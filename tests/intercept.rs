@@ -342,3 +342,59 @@ fn a_personal_intercept_routes_each_request_by_its_header() {
     let _ = tls.read_to_end(&mut got);
     assert!(got.is_empty(), "garbage gets no answer from devloop itself: {got:?}");
 }
+
+/// `devloop run`: the command gets the target's environment, and a
+/// Service it names (`ECHO_SERVICE_HOST`/`PORT`, here a loopback echo
+/// server standing for a cluster Service) is reached at a local address
+/// devloop listens on, through the agent. The command's exit code is
+/// devloop's.
+#[test]
+fn run_reaches_the_targets_services_through_the_agent() {
+    let (echo, seen) = servers::echo();
+    let p = Project::new();
+    let env = |c: &mut std::process::Command| {
+        // The local target's agent is devloop's child: it has this
+        // environment, as a container has its own.
+        c.env("ECHO_SERVICE_HOST", "127.0.0.1")
+            .env("ECHO_SERVICE_PORT", echo.to_string())
+            .env("ECHO_PORT", format!("tcp://127.0.0.1:{echo}"))
+            .env("FROM_THE_TARGET", "yes");
+    };
+    let script = "echo \"addr=$ECHO_SERVICE_HOST:$ECHO_SERVICE_PORT link=$ECHO_PORT target=$FROM_THE_TARGET\"; \
+                  exec 3<>/dev/tcp/$ECHO_SERVICE_HOST/$ECHO_SERVICE_PORT; printf through-the-agent >&3; \
+                  echo \"got=$(head -c 17 <&3)\"; exit 7";
+    let mut c = p.cmd(&["run", "svc", "--", "bash", "-c", script]);
+    env(&mut c);
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "the command's exit code\n{stdout}\n{stderr}");
+    let addr = stdout.lines().find_map(|l| l.strip_prefix("addr=")).unwrap_or_else(|| panic!("{stdout}\n{stderr}"));
+    let (addr, rest) = addr.split_once(' ').unwrap();
+    let local: u16 = addr.strip_prefix("127.0.0.1:").unwrap().parse().unwrap();
+    assert_ne!(local, echo, "the command gets devloop's local address, not the original one");
+    assert!(rest.contains(&format!("link=tcp://127.0.0.1:{local}")), "docker-link variables too: {rest}");
+    assert!(rest.contains("target=yes"), "{rest}");
+    assert!(stdout.contains("got=through-the-agent"), "{stdout}\n{stderr}");
+    assert_eq!(seen.connections.load(std::sync::atomic::Ordering::Relaxed), 1, "the Service saw the connection");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{echo} → 127.0.0.1:{local}")),
+        "devloop says what it tunnels: {stderr}"
+    );
+
+    // `devloop env`: the target's environment, without devloop's token.
+    let mut c = p.cmd(&["env", "svc", "--format", "json"]);
+    env(&mut c);
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let vars: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vars["ECHO_SERVICE_PORT"], echo.to_string());
+    assert_eq!(vars["FROM_THE_TARGET"], "yes");
+    assert!(vars.get("DEVLOOP_AGENT_TOKEN").is_none(), "the session token stays secret");
+
+    // A command that cannot start says so.
+    let out = p.cmd(&["run", "svc", "--", "/nonexistent/cmd"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot start `/nonexistent/cmd`") && stderr.contains("hint:"), "{stderr}");
+}

@@ -250,6 +250,19 @@ pub struct PodEndpoint {
 }
 
 impl PodEndpoint {
+    pub fn new(cluster: Cluster, pod: &str, k: &crate::config::KubeTarget, agent: Arc<AgentImage>) -> PodEndpoint {
+        PodEndpoint {
+            cluster,
+            pod: pod.to_string(),
+            container: k.container.clone(),
+            root: k.root.clone(),
+            agent,
+            transport: k.transport,
+            helper_image: k.helper_image.clone(),
+            forward_refused: Default::default(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         format!("pod {}/{}", self.cluster.namespace, self.pod)
     }
