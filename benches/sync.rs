@@ -784,6 +784,8 @@ fn main() {
             "idle" => bench_idle(idle),
             "kube" => bench_kube(edits.min(200)),
             "interleave" => bench_interleave(200),
+            // benches/intercept.rs runs these.
+            "intercept" | "intercept-kube" => {}
             other => eprintln!("unknown bench part {other}"),
         }
     }

@@ -200,6 +200,21 @@ pub async fn start(ep: &Endpoint, token: &str, rep: &Reporter) -> Result<Started
     }
 }
 
+/// A pipe to or from the agent holds 1 MiB instead of 64 KiB: a 64 KiB
+/// chunk then no longer fills it, so the writer does not wait for the
+/// reader to wake before each chunk.
+#[cfg(target_os = "linux")]
+fn deepen_pipe(p: &impl std::os::fd::AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ on a pipe this process holds; failure (a
+    // lower pipe-max-size) leaves the pipe as it was.
+    unsafe {
+        libc::fcntl(p.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn deepen_pipe(_: &impl std::os::fd::AsRawFd) {}
+
 /// Spawns a process whose stdio is the agent's, hands it the token, and
 /// forwards its stderr as agent log events.
 async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporter) -> Result<Started, TargetError> {
@@ -212,6 +227,8 @@ async fn spawn_stdio(mut cmd: Command, token: &str, via: TokenVia, rep: &Reporte
     // All three were requested as pipes just above.
     let mut stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
+    deepen_pipe(&stdin);
+    deepen_pipe(&stdout);
     let stderr = child.stderr.take().expect("piped stderr");
     if via == TokenVia::Stdin {
         stdin

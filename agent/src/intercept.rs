@@ -153,27 +153,20 @@ async fn whole(conn: TcpStream, peer: String, port: Port, mux: Mux) {
         sw.shutdown().await
     };
     let down = async {
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut sent = 0u64;
-        loop {
-            match sr.read(&mut buf).await {
-                Ok(0) => {
-                    let _ = cw.shutdown().await;
-                    return Ok(());
+        // Straight from the stream's chunks to the caller's socket.
+        match sr.copy_to(&mut cw).await {
+            Ok(_) => {
+                let _ = cw.shutdown().await;
+                Ok(())
+            }
+            Err(e) => {
+                let http = looks_like_http(&first.lock().unwrap_or_else(|e| e.into_inner()));
+                if sr.delivered() == 0 && http {
+                    let body = format!("devloop: this request was intercepted for a developer: {e}");
+                    let _ = cw.write_all(&http::error_response(502, "Bad Gateway", &body)).await;
                 }
-                Ok(n) => {
-                    cw.write_all(&buf[..n]).await?;
-                    sent += n as u64;
-                }
-                Err(e) => {
-                    let http = looks_like_http(&first.lock().unwrap_or_else(|e| e.into_inner()));
-                    if sent == 0 && http {
-                        let body = format!("devloop: this request was intercepted for a developer: {e}");
-                        let _ = cw.write_all(&http::error_response(502, "Bad Gateway", &body)).await;
-                    }
-                    let _ = cw.shutdown().await;
-                    return Err(e);
-                }
+                let _ = cw.shutdown().await;
+                Err(e)
             }
         }
     };

@@ -318,6 +318,7 @@ where
         in_tx,
         reg_rx,
         hb,
+        end: leftover.len(),
         buf: leftover,
         start: 0,
     };
@@ -355,7 +356,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let r = match o {
                 Out::Frame(f) => w.write_all(&f).await,
                 Out::Bulk(f, pending) => {
-                    let r = w.write_all(&f).await;
+                    let r = write_frame(&mut w, &f).await;
                     pending.fetch_sub(1, Ordering::AcqRel);
                     r
                 }
@@ -385,6 +386,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     bulk.close();
 }
 
+/// A data chunk goes to the connection as it is, after what is buffered
+/// ahead of it: copying 64 KiB into the buffer first would cost a copy of
+/// every byte carried. Small frames are gathered, so the peer wakes once.
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut tokio::io::BufWriter<W>, f: &[u8]) -> io::Result<()> {
+    if f.len() < BYPASS {
+        return w.write_all(f).await;
+    }
+    w.flush().await?;
+    w.get_mut().write_all(f).await
+}
+
+/// Frames at least this large bypass the writer's buffer.
+const BYPASS: usize = 16 << 10;
+
 struct Reader {
     mux: Mux,
     streams: HashMap<u32, Slot>,
@@ -395,9 +410,12 @@ struct Reader {
     in_tx: mpsc::Sender<Incoming>,
     reg_rx: mpsc::UnboundedReceiver<Reg>,
     hb: Heartbeat,
+    /// Bytes read and not yet parsed are `buf[start..end]`; the rest of
+    /// `buf` is room to read into. It is zeroed once when it grows, never
+    /// per read: zeroing 256 KiB for every pipe read cost more than the copy.
     buf: Vec<u8>,
-    /// Where the unparsed bytes of `buf` start.
     start: usize,
+    end: usize,
 }
 
 /// What handling a frame asks of the reader.
@@ -446,7 +464,7 @@ impl Reader {
         loop {
             // Every complete frame in the buffer.
             loop {
-                let avail = &self.buf[self.start..];
+                let avail = &self.buf[self.start..self.end];
                 if avail.len() < 4 {
                     break;
                 }
@@ -470,16 +488,23 @@ impl Reader {
                 }
             }
             // Keep what is left at the front, and room to read into.
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
+            if self.start == self.end {
+                (self.start, self.end) = (0, 0);
+                // A large batch grew the buffer: give it back once idle.
+                if self.buf.len() > 4 * READ_CHUNK {
+                    self.buf = Vec::new();
+                }
+            } else if self.buf.len() - self.end < READ_CHUNK && self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
             }
-            let have = self.buf.len();
-            self.buf.resize(have + READ_CHUNK, 0);
+            if self.buf.len() - self.end < READ_CHUNK {
+                self.buf.resize(self.end + READ_CHUNK, 0);
+            }
+            let have = self.end;
             let read = tokio::select! {
                 biased;
                 r = self.reg_rx.recv() => {
-                    self.buf.truncate(have);
                     if let Some(r) = r {
                         self.register(r);
                     }
@@ -487,7 +512,6 @@ impl Reader {
                 }
                 r = rd.read(&mut self.buf[have..]) => r,
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.buf.truncate(have);
                     let end = End::Dead(self.hb.dead_after);
                     self.mux.close(close_code::SHUTDOWN, end.to_string());
                     return end;
@@ -496,7 +520,7 @@ impl Reader {
             match read {
                 Ok(0) => return End::Eof,
                 Ok(n) => {
-                    self.buf.truncate(have + n);
+                    self.end = have + n;
                     deadline = tokio::time::Instant::now() + self.hb.dead_after;
                     let s = &self.mux.shared;
                     s.heard.store(s.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -704,6 +728,8 @@ pub struct StreamReader {
     mux: Mux,
     eof: bool,
     error: Option<String>,
+    /// Bytes handed on so far (read, or copied out).
+    delivered: u64,
     _guard: Arc<SlotGuard>,
 }
 
@@ -745,6 +771,7 @@ impl Stream {
             mux: mux.clone(),
             eof: false,
             error: None,
+            delivered: 0,
             _guard: guard.clone(),
         };
         let w = StreamWriter {
@@ -781,7 +808,13 @@ impl StreamReader {
 
     /// Hands room back to the peer as data is taken, in quarter windows,
     /// so it rarely waits.
+    /// Bytes this stream has handed on so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
     fn consumed(&mut self, n: usize) {
+        self.delivered += n as u64;
         self.unacked += n as u32;
         if self.unacked >= (self.window / 4).max(1) {
             self.budget.fetch_add(self.unacked as i64, Ordering::AcqRel);
