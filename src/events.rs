@@ -277,7 +277,12 @@ pub enum Format {
 /// falls behind the hub's buffer (stdout blocked for long) loses the events
 /// it missed: it says how many (an `events_lost` line), and goes on with
 /// the next.
-pub async fn print(mut rx: tokio::sync::broadcast::Receiver<Arc<Event>>, format: Format) {
+pub async fn print(rx: tokio::sync::broadcast::Receiver<Arc<Event>>, format: Format) {
+    print_to(rx, format, std::io::stdout()).await
+}
+
+/// [`print`], into `out` (the dashboard's log file).
+pub async fn print_to<W: Write>(mut rx: tokio::sync::broadcast::Receiver<Arc<Event>>, format: Format, mut out: W) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         let ev = match rx.recv().await {
@@ -291,7 +296,6 @@ pub async fn print(mut rx: tokio::sync::broadcast::Receiver<Arc<Event>>, format:
                 kind: Kind::EventsLost { count: n },
             }),
         };
-        let mut out = std::io::stdout().lock();
         let _ = match format {
             Format::Json => {
                 // Plain data: serializing it cannot fail.

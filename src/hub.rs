@@ -32,6 +32,9 @@ pub enum ActionKind {
     Restart,
     /// Run one of the service's `on_sync` commands now (0-based).
     Run { index: usize },
+    /// Take the intercept again, or let it go (the app answers) while
+    /// devloop keeps running.
+    Intercept { on: bool },
 }
 
 impl ActionKind {
@@ -40,6 +43,8 @@ impl ActionKind {
             ActionKind::Resync => "resync".into(),
             ActionKind::Restart => "restart".into(),
             ActionKind::Run { index } => format!("run on_sync[{index}]"),
+            ActionKind::Intercept { on: true } => "intercept on".into(),
+            ActionKind::Intercept { on: false } => "intercept off".into(),
         }
     }
 }

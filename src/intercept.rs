@@ -64,10 +64,23 @@ async fn up(conn: &mut watch::Receiver<Conn>, cancel: &CancellationToken) -> Opt
 
 /// Holds the intercept through every connection of the endpoint, until
 /// cancelled.
-pub async fn run(plan: Plan, mut conn: watch::Receiver<Conn>, rep: Reporter, cancel: CancellationToken) -> Outcome {
+pub async fn run(
+    plan: Plan,
+    mut conn: watch::Receiver<Conn>,
+    mut paused: watch::Receiver<bool>,
+    rep: Reporter,
+    cancel: CancellationToken,
+) -> Outcome {
     // Connections carried now: they end with the intercept.
     let mut carried = JoinSet::new();
     loop {
+        // Let go (devloop trigger, the dashboard): wait to be asked back.
+        while *paused.borrow_and_update() {
+            tokio::select! {
+                r = paused.changed() => if r.is_err() { return Outcome::Stopped },
+                _ = cancel.cancelled() => return Outcome::Stopped,
+            }
+        }
         let Some(client) = up(&mut conn, &cancel).await else {
             return if cancel.is_cancelled() { Outcome::Stopped } else { Outcome::Unreachable };
         };
@@ -112,6 +125,13 @@ pub async fn run(plan: Plan, mut conn: watch::Receiver<Conn>, rep: Reporter, can
                         ),
                     });
                     break;
+                }
+                Ok(()) = paused.changed() => {
+                    if *paused.borrow() {
+                        client.intercept_stop();
+                        rep.send(Kind::InterceptOff { reason: "let go (asked of devloop); the app answers".into() });
+                        break;
+                    }
                 }
                 _ = cancel.cancelled() => {
                     client.intercept_stop();

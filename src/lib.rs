@@ -40,4 +40,5 @@ pub mod state;
 pub mod supervisor;
 pub mod sync;
 pub mod tasks;
+pub mod ui;
 pub mod watch;

@@ -33,6 +33,9 @@ struct Cli {
     /// Print events as NDJSON (one JSON object per line) for editors and scripts.
     #[arg(long, global = true)]
     json: bool,
+    /// Plain lines instead of the dashboard (which `watch` shows on a terminal).
+    #[arg(long, global = true)]
+    no_tui: bool,
     /// Kubernetes targets: use this kubeconfig context (overrides `context:`).
     #[arg(long, global = true)]
     context: Option<String>,
@@ -188,7 +191,8 @@ fn main() -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    ExitCode::from(rt.block_on(run(cfg, mode, intercept_only, format)))
+    let tui = mode == Mode::Watch && devloop::ui::wanted(cli.no_tui, cli.json);
+    ExitCode::from(rt.block_on(run(cfg, mode, intercept_only, format, tui)))
 }
 
 /// The configuration with one service's intercept set from the command
@@ -366,18 +370,39 @@ fn report_fatal(format: Format, message: &str, hint: Option<&str>, cfg: Option<&
     }
 }
 
-async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format) -> u8 {
+async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format, tui: bool) -> u8 {
     let hub = devloop::hub::start();
-    let Some((_, events)) = hub.subscribe().await else { return exit::INTERNAL };
-    let printer = tokio::spawn(events::print(events, format));
     let cancel = CancellationToken::new();
-    // Ctrl-C and SIGTERM stop every service cleanly.
+    // The dashboard, or the plain (or NDJSON) printer.
+    let printer = if tui {
+        let title = format!("devloop {} · {}", if intercept_only { "intercept" } else { "watch" }, cfg.file.display());
+        let log = devloop::ui::log_path(&cfg.file);
+        tokio::spawn({
+            let (hub, cancel) = (hub.clone(), cancel.clone());
+            async move {
+                match devloop::ui::run(hub, title, log, cancel.clone()).await {
+                    Ok(log) => eprintln!("devloop: the log of this run is in {}", log.display()),
+                    Err(e) => {
+                        eprintln!("devloop: the dashboard failed ({e}); run with --no-tui for plain lines");
+                        cancel.cancel();
+                    }
+                }
+            }
+        })
+    } else {
+        let Some((_, events)) = hub.subscribe().await else { return exit::INTERNAL };
+        tokio::spawn(events::print(events, format))
+    };
+    // Ctrl-C, SIGTERM and SIGHUP (the terminal closed) stop every service
+    // cleanly: what devloop changed is put back.
     let signals = tokio::spawn({
         let cancel = cancel.clone();
         async move {
             use tokio::signal::unix::{signal, SignalKind};
-            if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            if let (Ok(mut t), Ok(mut i), Ok(mut h)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+            {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {}, _ = h.recv() => {} }
                 cancel.cancel();
             }
         }

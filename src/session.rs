@@ -106,19 +106,30 @@ pub async fn run_session(
             None
         });
     }
+    // Actions: the intercept's own go to it, the rest to the sync.
+    let (paused_tx, paused_rx) = watch::channel(false);
+    let (sync_tx, sync_rx) = mpsc::channel(16);
+    {
+        let (has_intercept, syncs, cancel) = (spec.intercept.is_some(), spec.sync, tasks.token().clone());
+        tasks.spawn(format!("the actions of {what}"), async move {
+            tokio::select! {
+                _ = route_actions(actions, has_intercept, paused_tx, syncs.then_some(sync_tx)) => {}
+                _ = cancel.cancelled() => {}
+            }
+            None
+        });
+    }
     if let Some(plan) = spec.intercept.clone() {
         let (rep, cancel, conn_rx) = (rep.clone(), tasks.token().clone(), conn_rx.clone());
         tasks.spawn(format!("the intercept through {what}"), async move {
-            Some(crate::intercept::run(plan, conn_rx, rep, cancel).await)
+            Some(crate::intercept::run(plan, conn_rx, paused_rx, rep, cancel).await)
         });
     }
     if spec.sync {
         let (rep, cancel) = (rep.clone(), tasks.token().clone());
         tasks.spawn(format!("the sync into {what}"), async move {
-            Some(sync_session(spec, conn_rx, rep, cancel, actions).await)
+            Some(sync_session(spec, conn_rx, rep, cancel, sync_rx).await)
         });
-    } else {
-        drop(actions);
     }
     // The first user of the connection to end decides (the sync is done,
     // stopped, or something panicked): then the connection is closed and
@@ -143,6 +154,39 @@ pub async fn run_session(
         }
     }
     outcome.unwrap_or(Outcome::Stopped)
+}
+
+/// Hands each action to the part of the session that does it: intercept
+/// on and off pause the intercept, the rest go to the sync.
+async fn route_actions(
+    mut actions: mpsc::Receiver<Action>,
+    has_intercept: bool,
+    paused: watch::Sender<bool>,
+    sync: Option<mpsc::Sender<Action>>,
+) {
+    use crate::hub::ActionKind;
+    while let Some(a) = actions.recv().await {
+        match (&a.kind, &sync) {
+            (ActionKind::Intercept { on }, _) => {
+                let answer = if has_intercept {
+                    paused.send_replace(!on);
+                    Ok(if *on { "the intercept is taken again" } else { "the intercept is let go: the app answers" }
+                        .into())
+                } else {
+                    Err("this service has no intercept: add `intercept:` to its entry in devloop.yaml".into())
+                };
+                let _ = a.reply.send(answer);
+            }
+            (_, Some(tx)) => {
+                if let Err(mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a)) = tx.try_send(a) {
+                    let _ = a.reply.send(Err("the sync is busy with earlier actions; try again".into()));
+                }
+            }
+            (_, None) => {
+                let _ = a.reply.send(Err("`devloop intercept` does not sync: use `devloop watch` for this".into()));
+            }
+        }
+    }
 }
 
 /// Waits for the connection to be up (a session not yet ended) and

@@ -130,6 +130,56 @@ pub struct Problem {
 pub enum InterceptState {
     #[default]
     Off,
+    /// Held: calls to `ports` reach this machine (only the HTTP/1.1
+    /// requests with `header`, for a personal intercept).
+    On(Intercepting),
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Intercepting {
+    pub ports: Vec<String>,
+    pub header: Option<String>,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections since the intercept was taken.
+    pub connections: u64,
+    /// Callers turned away: nothing listened on the local port.
+    pub refused: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// When the recent connections opened (Unix ms), for the rate.
+    #[serde(skip)]
+    recent_ms: VecDeque<u64>,
+}
+
+/// The window the connection rate is averaged over.
+const RATE_WINDOW_MS: u64 = 10_000;
+
+impl Intercepting {
+    /// Connections opened per second, over the last ten seconds.
+    pub fn per_sec(&self, now_ms: u64) -> f64 {
+        let from = now_ms.saturating_sub(RATE_WINDOW_MS);
+        self.recent_ms.iter().filter(|t| **t >= from).count() as f64 / (RATE_WINDOW_MS as f64 / 1000.0)
+    }
+
+    fn opened(&mut self, at_ms: u64) {
+        self.open += 1;
+        self.connections += 1;
+        while self.recent_ms.front().is_some_and(|t| *t + RATE_WINDOW_MS < at_ms) || self.recent_ms.len() >= 1024 {
+            self.recent_ms.pop_front();
+        }
+        self.recent_ms.push_back(at_ms);
+    }
+}
+
+impl InterceptState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            InterceptState::Off => "off",
+            InterceptState::On(i) if i.header.is_some() => "personal",
+            InterceptState::On(_) => "on",
+        }
+    }
 }
 
 fn push<T>(q: &mut VecDeque<T>, item: T, keep: usize) {
@@ -272,6 +322,31 @@ impl State {
                 })
             }
             Kind::AppFailed { message } => s.app = Some(format!("failed: {message}")),
+            Kind::InterceptOn { ports, header } => {
+                s.intercept = InterceptState::On(Intercepting {
+                    ports: ports.clone(),
+                    header: header.clone(),
+                    ..Default::default()
+                })
+            }
+            Kind::InterceptOff { .. } => s.intercept = InterceptState::Off,
+            Kind::InterceptOpened { .. } => {
+                if let InterceptState::On(i) = &mut s.intercept {
+                    i.opened(ev.ts);
+                }
+            }
+            Kind::InterceptClosed { bytes_in, bytes_out, .. } => {
+                if let InterceptState::On(i) = &mut s.intercept {
+                    i.open = i.open.saturating_sub(1);
+                    i.bytes_in += bytes_in;
+                    i.bytes_out += bytes_out;
+                }
+            }
+            Kind::InterceptRefused { .. } => {
+                if let InterceptState::On(i) = &mut s.intercept {
+                    i.refused += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -339,5 +414,38 @@ mod tests {
         assert_eq!(st.session("web", Some("p1")).unwrap().agent, AgentState::Reconnecting { attempt: 1, in_ms: 200 });
         st.apply(&ev("web", None, 12, Kind::Warning { message: "no ready pods".into() }));
         assert_eq!(st.services["web"].note.as_deref(), Some("no ready pods"));
+    }
+
+    /// An intercept's connections add up: open now, in all, refused, and
+    /// the rate over the last ten seconds; off clears it.
+    #[test]
+    fn intercept_connections_add_up() {
+        let mut st = State::default();
+        let on = Kind::InterceptOn { ports: vec!["8080 → localhost:3000".into()], header: Some("x-dev: a".into()) };
+        st.apply(&ev("web", Some("p1"), 1_000, on));
+        assert_eq!(st.session("web", Some("p1")).unwrap().intercept.label(), "personal");
+        for t in [2_000, 6_000, 14_000] {
+            st.apply(&ev(
+                "web",
+                Some("p1"),
+                t,
+                Kind::InterceptOpened { port: 8080, peer: "10.0.0.1:5".into(), local: 3000 },
+            ));
+        }
+        let closed =
+            Kind::InterceptClosed { port: 8080, peer: "10.0.0.1:5".into(), bytes_in: 10, bytes_out: 20, ms: 3 };
+        st.apply(&ev("web", Some("p1"), 14_500, closed));
+        st.apply(&ev(
+            "web",
+            Some("p1"),
+            14_600,
+            Kind::InterceptRefused { port: 8080, local: 3000, message: "x".into() },
+        ));
+        let InterceptState::On(i) = &st.session("web", Some("p1")).unwrap().intercept else { panic!("intercept off") };
+        assert_eq!((i.open, i.connections, i.refused, i.bytes_in, i.bytes_out), (2, 3, 1, 10, 20));
+        // 6 000 and 14 000 are within ten seconds of 15 000; 2 000 is not.
+        assert_eq!(i.per_sec(15_000), 0.2);
+        st.apply(&ev("web", Some("p1"), 15_000, Kind::InterceptOff { reason: "stopped".into() }));
+        assert_eq!(st.session("web", Some("p1")).unwrap().intercept, InterceptState::Off);
     }
 }

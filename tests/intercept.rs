@@ -204,7 +204,8 @@ fn a_killed_devloop_hands_new_connections_to_the_app() {
         rest.starts_with("HTTP/1.1 502 ") && rest.contains("intercepted for a developer"),
         "the request in flight should end in a 502 that says why: {rest:?}"
     );
-    let (status, body) = servers::get(svc, "/after", "").expect("a new connection is answered");
+    let (status, body) = servers::get(svc, "/after", "")
+        .unwrap_or_else(|e| panic!("a new connection should be answered by the app: {e}\n{}", w.dump()));
     assert_eq!((status, body.as_str()), (200, "app GET /after len=0 sum=0"));
     println!("the app answered {} ms after devloop was killed", killed.elapsed().as_millis());
     assert!(killed.elapsed() < Duration::from_millis(1000 + 2000), "within the lease");

@@ -164,9 +164,12 @@ async fn lifeline_cut(on: bool) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+    // SIGHUP too: the terminal that started devloop (and this agent, on
+    // the local target) was closed; the app, in a group of its own, gets
+    // no SIGHUP and must be stopped here.
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+        (Ok(mut t), Ok(mut i), Ok(mut h)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {}, _ = h.recv() => {} }
         }
         _ => std::future::pending().await,
     }

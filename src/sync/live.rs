@@ -73,6 +73,8 @@ impl Engine {
                             ActionKind::Resync => return Ok(LiveEnd::Resync(a.reply)),
                             ActionKind::Restart => self.restart_now(link).await,
                             ActionKind::Run { index } => self.run_now(link, index).await,
+                            // The session routes these to its intercept.
+                            ActionKind::Intercept { .. } => Err("this session has no intercept".into()),
                         };
                         let _ = a.reply.send(answer);
                         continue;
