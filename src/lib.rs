@@ -26,6 +26,7 @@
 
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod doctor;
 pub mod endpoint;
 pub mod error;

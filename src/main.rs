@@ -101,6 +101,24 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// What the running `devloop watch` (on this devloop.yaml) is doing
+    /// (--json: its whole state).
+    Status,
+    /// Ask the running `devloop watch` to act on a service: `resync`,
+    /// `restart`, `run N` (its Nth on_sync command, or one whose command
+    /// contains N), `intercept on|off`.
+    Trigger {
+        service: String,
+        /// resync, restart, run, intercept
+        action: String,
+        /// For `run`: which command; for `intercept`: on or off.
+        arg: Option<String>,
+        /// Only this pod of the service.
+        #[arg(long)]
+        pod: Option<String>,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Remove what devloop put into targets (agents injected into pods).
     /// Safe to run twice, and after a crash.
     Down {
@@ -126,6 +144,15 @@ fn main() -> ExitCode {
         }
     };
     let format = if cli.json { Format::Json } else { Format::Plain };
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "devloop",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::from(exit::OK);
+    }
     let cfg = match config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -150,6 +177,9 @@ fn main() -> ExitCode {
         Command::Run { service, command } => {
             return pod_world(cfg, &service, format, |svc| async move { devloop::pod_env::run(&svc, &command).await });
         }
+        Command::Status => return status(&cfg, format),
+        Command::Trigger { service, action, arg, pod } => return trigger(&cfg, &service, &action, arg, pod, format),
+        Command::Completions { .. } => unreachable!("handled before the config is read"),
         Command::Watch { services } => (Mode::Watch, services, cfg),
         Command::Sync { once: true, services } => (Mode::Once, services, cfg),
         Command::Intercept { service, ports, header } => {
@@ -193,6 +223,101 @@ fn main() -> ExitCode {
     };
     let tui = mode == Mode::Watch && devloop::ui::wanted(cli.no_tui, cli.json);
     ExitCode::from(rt.block_on(run(cfg, mode, intercept_only, format, tui)))
+}
+
+/// A runtime for the short commands (status, trigger).
+fn small_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// `devloop status`.
+fn status(cfg: &Config, format: Format) -> ExitCode {
+    let Ok(rt) = small_runtime() else { return ExitCode::from(exit::INTERNAL) };
+    match rt.block_on(devloop::control::ask(&cfg.file, &devloop::control::Request::Status)) {
+        Ok(reply) => {
+            match format {
+                Format::Json => println!("{}", serde_json::to_string(&reply).unwrap_or_default()),
+                Format::Plain => {
+                    let state: devloop::state::State =
+                        reply.state.clone().and_then(|s| serde_json::from_value(s).ok()).unwrap_or_default();
+                    println!("devloop (pid {}) on {}", reply.pid.unwrap_or(0), cfg.file.display());
+                    print!("{}", devloop::control::describe(&state, events::now_ms()));
+                }
+            }
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            report_fatal(format, &e.message, e.hint.as_deref(), None);
+            ExitCode::from(exit::UNREACHABLE)
+        }
+    }
+}
+
+/// `devloop trigger SERVICE ACTION [ARG]`.
+fn trigger(
+    cfg: &Config,
+    service: &str,
+    action: &str,
+    arg: Option<String>,
+    pod: Option<String>,
+    format: Format,
+) -> ExitCode {
+    use devloop::hub::ActionKind;
+    let kind = match (action, arg.as_deref()) {
+        ("resync", None) => Ok(ActionKind::Resync),
+        ("restart", None) => Ok(ActionKind::Restart),
+        ("intercept", Some("on")) => Ok(ActionKind::Intercept { on: true }),
+        ("intercept", Some("off")) => Ok(ActionKind::Intercept { on: false }),
+        ("intercept", _) => Err("`intercept` takes on or off".to_string()),
+        ("run", Some(which)) => on_sync_index(cfg, service, which).map(|index| ActionKind::Run { index }),
+        ("run", None) => Err("`run` takes which on_sync command: its number (1 is the first) or part of it".into()),
+        ("resync" | "restart", Some(a)) => Err(format!("`{action}` takes no argument (got `{a}`)")),
+        (other, _) => Err(format!("no action `{other}`")),
+    };
+    let kind = match kind {
+        Ok(k) => k,
+        Err(m) => {
+            report_fatal(format, &m, Some("actions: resync, restart, run N, intercept on|off"), None);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let Ok(rt) = small_runtime() else { return ExitCode::from(exit::INTERNAL) };
+    let req = devloop::control::Request::Trigger { service: service.to_string(), pod, action: kind };
+    match rt.block_on(devloop::control::ask(&cfg.file, &req)) {
+        Ok(reply) => {
+            match format {
+                Format::Json => println!("{}", serde_json::to_string(&reply).unwrap_or_default()),
+                Format::Plain if reply.ok => println!("{}", reply.message.clone().unwrap_or_default()),
+                Format::Plain => eprintln!("devloop: failed: {}", reply.message.clone().unwrap_or_default()),
+            }
+            ExitCode::from(if reply.ok { exit::OK } else { exit::NOT_IN_SYNC })
+        }
+        Err(e) => {
+            report_fatal(format, &e.message, e.hint.as_deref(), None);
+            ExitCode::from(exit::UNREACHABLE)
+        }
+    }
+}
+
+/// Which on_sync command `run WHICH` names: 1-based, or the one command
+/// whose text contains WHICH.
+fn on_sync_index(cfg: &Config, service: &str, which: &str) -> Result<usize, String> {
+    let Some(svc) = cfg.services.iter().find(|s| s.name == service) else {
+        return Err(format!("no service `{service}` in {}", cfg.file.display()));
+    };
+    let shown: Vec<String> = svc.on_sync.iter().map(|t| t.command.display()).collect();
+    if let Ok(n) = which.parse::<usize>() {
+        return match n {
+            1.. if n <= shown.len() => Ok(n - 1),
+            _ => Err(format!("service `{service}` has {} on_sync commands; {n} is not one of them", shown.len())),
+        };
+    }
+    let found: Vec<usize> = (0..shown.len()).filter(|i| shown[*i].contains(which)).collect();
+    match found.as_slice() {
+        [i] => Ok(*i),
+        [] => Err(format!("no on_sync command of `{service}` contains `{which}` (they are: {})", shown.join("; "))),
+        _ => Err(format!("several on_sync commands of `{service}` contain `{which}`: give its number")),
+    }
 }
 
 /// The configuration with one service's intercept set from the command
@@ -371,8 +496,24 @@ fn report_fatal(format: Format, message: &str, hint: Option<&str>, cfg: Option<&
 }
 
 async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format, tui: bool) -> u8 {
+    // One `watch` per configuration: the control socket says whether
+    // another runs, and is how `status` and `trigger` reach this one.
+    let control = match mode {
+        Mode::Watch => match devloop::control::bind(&cfg.file).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                report_fatal(format, &e.message, e.hint.as_deref(), None);
+                return if e.running { exit::CONFIG } else { exit::UNREACHABLE };
+            }
+        },
+        Mode::Once => None,
+    };
     let hub = devloop::hub::start();
     let cancel = CancellationToken::new();
+    let control_stop = CancellationToken::new();
+    let control = control.map(|(listener, path)| {
+        tokio::spawn(devloop::control::serve(listener, path, hub.clone(), control_stop.clone()))
+    });
     // The dashboard, or the plain (or NDJSON) printer.
     let printer = if tui {
         let title = format!("devloop {} · {}", if intercept_only { "intercept" } else { "watch" }, cfg.file.display());
@@ -432,6 +573,10 @@ async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format, tui:
         code = code.max(c);
     }
     signals.abort();
+    control_stop.cancel();
+    if let Some(c) = control {
+        let _ = c.await;
+    }
     hub.close().await;
     let _ = printer.await;
     code

@@ -4,7 +4,7 @@
 //! follows the events. This is the state the dashboard draws.
 
 use crate::events::{Event, Kind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 
 /// How many recent items each list keeps.
@@ -12,14 +12,14 @@ const KEEP_ERRORS: usize = 10;
 const KEEP_LATENCIES: usize = 60;
 const KEEP_OUTPUT: usize = 50;
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct State {
     pub services: BTreeMap<String, ServiceState>,
     /// Errors about devloop itself (not of one service).
     pub errors: VecDeque<Problem>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServiceState {
     /// One per session: "" for a local or exec target, the pod's name for
     /// a Kubernetes one.
@@ -31,7 +31,7 @@ pub struct ServiceState {
 }
 
 /// Where a session's agent is.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum AgentState {
     #[default]
@@ -64,7 +64,7 @@ impl AgentState {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SessionState {
     pub target: String,
     pub agent: AgentState,
@@ -86,7 +86,7 @@ pub struct SessionState {
     pub intercept: InterceptState,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LastSync {
     pub files: u64,
     pub deleted: u64,
@@ -98,7 +98,7 @@ pub struct LastSync {
     pub paths: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
     pub files_done: u64,
     pub files_total: u64,
@@ -108,7 +108,7 @@ pub struct Progress {
 }
 
 /// The last post-sync command.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CommandState {
     pub command: String,
     /// None while it runs; its exit code after (None too if killed).
@@ -118,14 +118,14 @@ pub struct CommandState {
     pub output: VecDeque<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Problem {
     pub at_ms: u64,
     pub message: String,
     pub hint: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum InterceptState {
     #[default]
@@ -135,7 +135,7 @@ pub enum InterceptState {
     On(Intercepting),
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Intercepting {
     pub ports: Vec<String>,
     pub header: Option<String>,

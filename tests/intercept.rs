@@ -399,3 +399,34 @@ fn run_reaches_the_targets_services_through_the_agent() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot start `/nonexistent/cmd`") && stderr.contains("hint:"), "{stderr}");
 }
+
+/// `devloop trigger web intercept off` (the dashboard's `i`): the app
+/// answers while devloop keeps running; `on` takes the calls back, on
+/// the same agent connection.
+#[test]
+fn the_intercept_is_let_go_and_taken_back_on_request() {
+    let (dev, _) = servers::http("dev");
+    let (app, _) = servers::http("app");
+    let svc = servers::free_port();
+    let p = project(svc, dev, Some(app), "");
+    let _down = Down(&p);
+    let mut w = watch(&p);
+    let answer =
+        |path: &str| servers::get(svc, path, "").map(|(_, body)| body).unwrap_or_else(|e| format!("error: {e}"));
+    assert!(answer("/1").starts_with("dev GET /1"), "intercepted at first");
+    let trigger = |on: &str| {
+        let out = p.cmd(&["trigger", "web", "intercept", on]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "intercept {on}: {text}");
+    };
+    trigger("off");
+    w.wait_first("intercept_off", T);
+    assert!(answer("/2").starts_with("app GET /2"), "let go: the app answers\n{}", w.dump());
+    trigger("on");
+    w.wait_for("the intercept taken again", T, |v| v["type"] == "intercept_on");
+    assert_eq!(w.count("intercept_on"), 2, "{}", w.dump());
+    assert!(answer("/3").starts_with("dev GET /3"), "taken back: the developer's process answers\n{}", w.dump());
+    // Still the first agent: no reconnect happened on the way.
+    assert_eq!(w.count("agent_connected"), 1, "{}", w.dump());
+    assert_eq!(w.interrupt(), 0);
+}
