@@ -216,6 +216,22 @@ pub enum Kind {
         bytes_out: u64,
         ms: u64,
     },
+    /// A post-sync command printed a problem at a path that maps back,
+    /// through the sync rules, to this source file (absolute).
+    Problem {
+        file: String,
+        line: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        column: Option<u32>,
+        severity: crate::problems::Severity,
+        message: String,
+        command: String,
+    },
+    /// Every service has finished its initial sync: the target matches
+    /// the source everywhere (once per run).
+    Ready {
+        services: usize,
+    },
     /// Nothing listens on the local port: the caller's connection was
     /// closed at once (or answered `502` by devloop, for HTTP).
     InterceptRefused {
@@ -383,6 +399,16 @@ pub fn plain(ev: &Event) -> String {
         Kind::InterceptRefused { port, local, message } => {
             format!("intercept {port}: refused, nothing listens on localhost:{local} ({message})")
         }
+        Kind::Problem { file, line, column, severity, message, .. } => format!(
+            "{file}:{line}:{}: {}: {message}",
+            column.unwrap_or(1),
+            match severity {
+                crate::problems::Severity::Error => "error",
+                crate::problems::Severity::Warning => "warning",
+                crate::problems::Severity::Info => "info",
+            }
+        ),
+        Kind::Ready { services } => format!("ready: {services} service(s) in sync"),
         Kind::Error { message, hint } => match hint {
             Some(h) => format!("error: {message}\n  hint: {h}"),
             None => format!("error: {message}"),

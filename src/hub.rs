@@ -194,6 +194,45 @@ async fn run(mut msgs: mpsc::UnboundedReceiver<Msg>, mut events: mpsc::Unbounded
     }
 }
 
+/// Reports `ready` once every service has finished its first sync: each
+/// of its sessions so far reported `in_sync` (or, for a run that only
+/// intercepts, `intercept_on`). Ends then, or when the hub closes.
+pub async fn announce_ready(
+    hub: Hub,
+    mut rx: broadcast::Receiver<Arc<Event>>,
+    services: Vec<String>,
+    intercept_only: bool,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    // Service → session → done.
+    let mut done: HashMap<String, HashMap<Option<String>, bool>> = HashMap::new();
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        };
+        if !services.contains(&ev.service) {
+            continue;
+        }
+        let sessions = done.entry(ev.service.clone()).or_default();
+        match (&ev.kind, intercept_only) {
+            (Kind::AgentStarting { .. }, _) => {
+                sessions.entry(ev.pod.clone()).or_insert(false);
+            }
+            (Kind::InSync { .. }, false) | (Kind::InterceptOn { .. }, true) => {
+                sessions.insert(ev.pod.clone(), true);
+            }
+            _ => continue,
+        }
+        let all = services.iter().all(|s| done.get(s).is_some_and(|ss| !ss.is_empty() && ss.values().all(|d| *d)));
+        if all {
+            hub.reporter("").send(Kind::Ready { services: services.len() });
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

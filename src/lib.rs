@@ -35,6 +35,7 @@ pub mod filter;
 pub mod hub;
 pub mod intercept;
 pub mod pod_env;
+pub mod problems;
 pub mod service;
 pub mod session;
 pub mod state;

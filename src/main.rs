@@ -548,6 +548,12 @@ async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format, tui:
             }
         }
     });
+    // Subscribed before any service starts: they miss nothing.
+    let names: Vec<String> = cfg.services.iter().map(|s| s.name.clone()).collect();
+    if let (Some((_, ready_rx)), Some((_, problems_rx))) = (hub.subscribe().await, hub.subscribe().await) {
+        tokio::spawn(devloop::hub::announce_ready(hub.clone(), ready_rx, names, intercept_only));
+        tokio::spawn(devloop::problems::follow(hub.clone(), problems_rx, cfg.services.clone()));
+    }
     let mut services: Tasks<Outcome> = Tasks::new(cancel.clone(), hub.reporter(""));
     let mut reporters = std::collections::HashMap::new();
     for svc in cfg.services {

@@ -48,12 +48,23 @@ fn every_kind() -> Vec<Kind> {
         Kind::InterceptOpened { port: 1, peer: s(), local: 2 },
         Kind::InterceptClosed { port: 1, peer: s(), bytes_in: 1, bytes_out: 1, ms: 1 },
         Kind::InterceptRefused { port: 1, local: 2, message: s() },
+        Kind::Problem {
+            file: s(),
+            line: 1,
+            column: Some(2),
+            severity: devloop::problems::Severity::Error,
+            message: s(),
+            command: s(),
+        },
+        Kind::Ready { services: 1 },
     ];
     // A new kind fails to compile here until it is in the list above.
     for k in &all {
         match k {
             Kind::AgentStarting { .. }
             | Kind::AgentConnected { .. }
+            | Kind::Problem { .. }
+            | Kind::Ready { .. }
             | Kind::AgentLost { .. }
             | Kind::Reconnecting { .. }
             | Kind::AgentLog { .. }
