@@ -20,7 +20,7 @@
 //!    reuses the agent, and edit-to-applied latency in the pod.
 //!
 //! Options (env): BENCH_EDITS (default 300), BENCH_IDLE_SECS (default 30),
-//! BENCH_ONLY (comma list of: latency,initial,burst,idle,interleave,kube).
+//! BENCH_ONLY (comma list of: latency,initial,burst,idle,interleave,dashboard,kube).
 
 use notify::Watcher as _;
 use std::io::{BufRead, BufReader};
@@ -746,7 +746,8 @@ fn main() {
         relay_child(Path::new(&dst));
     }
     // `cargo bench` passes --bench; ignore it.
-    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,interleave,kube".into());
+    let only =
+        std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,interleave,dashboard,kube".into());
     let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -784,6 +785,7 @@ fn main() {
             "idle" => bench_idle(idle),
             "kube" => bench_kube(edits.min(200)),
             "interleave" => bench_interleave(200),
+            "dashboard" => bench_dashboard(edits.min(200), idle.min(15)),
             // benches/intercept.rs runs these.
             "intercept" | "intercept-kube" => {}
             other => eprintln!("unknown bench part {other}"),
@@ -916,5 +918,150 @@ fn bench_interleave(probes: usize) {
         loaded.len(),
         (BIG >> 20) * BULK_BATCHES as u64,
         ((BIG >> 20) * BULK_BATCHES as u64) as f64 / bulk_s
+    );
+}
+
+/// `devloop watch` with its dashboard, in a tmux terminal of its own.
+struct Dashboard {
+    socket: String,
+    pid: u32,
+}
+
+impl Dashboard {
+    fn start(dir: &Path) -> Dashboard {
+        let socket = format!("devloop-bench-{}", std::process::id());
+        let script = format!(
+            "cd {} && env DEVLOOP_AGENT_BIN={} TERM=xterm-256color {} watch; sleep 600",
+            dir.display(),
+            agent_bin().display(),
+            devloop_bin().display()
+        );
+        let mut d = Dashboard { socket, pid: 0 };
+        d.tmux(&["new-session", "-d", "-s", "b", "-x", "100", "-y", "30", &script]);
+        d.wait_screen(Duration::from_secs(300), |s| s.contains("1/1 live"));
+        let pane = d.tmux(&["display", "-p", "-t", "b", "#{pane_pid}"]);
+        let out = Command::new("pgrep").args(["-P", pane.trim(), "-x", "devloop"]).output().unwrap();
+        d.pid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("the dashboard's devloop");
+        d
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out =
+            Command::new("tmux").args(["-L", &self.socket]).args(args).output().expect("tmux (bench/run installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_screen(&self, t: Duration, pred: impl Fn(&str) -> bool) -> f64 {
+        let t0 = Instant::now();
+        loop {
+            if pred(&self.tmux(&["capture-pane", "-p", "-t", "b"])) {
+                return t0.elapsed().as_secs_f64() * 1e3;
+            }
+            assert!(t0.elapsed() < t, "the dashboard never showed what was awaited");
+        }
+    }
+
+    /// ms from a key press to the screen that answers it: `?` opens the
+    /// help, any key closes it.
+    fn key_round_trip(&self) -> f64 {
+        let t0 = Instant::now();
+        self.tmux(&["send-keys", "-t", "b", "?"]);
+        self.wait_screen(Duration::from_secs(10), |s| s.contains("any key closes this help"));
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.tmux(&["send-keys", "-t", "b", "x"]);
+        self.wait_screen(Duration::from_secs(10), |s| !s.contains("any key closes this help"));
+        ms
+    }
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).output();
+    }
+}
+
+/// What the dashboard costs: idle CPU, edit-to-visible latency and key
+/// response during a branch switch, each beside `--json` output (no
+/// dashboard) or beside the same when idle, in one sitting.
+fn bench_dashboard(edits: usize, secs: u64) {
+    println!("## 7. the dashboard: devloop watch in a terminal (tmux, 100x30) beside devloop --json watch");
+    let (dd, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dd, &dp] {
+        let src = d.path().join("src");
+        for i in 0..2000 {
+            let dir = src.join(format!("d{:02}", i % 40));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("f{i}.txt")), format!("file {i}\n")).unwrap();
+        }
+        std::fs::write(src.join("f.txt"), vec![b'x'; 1024]).unwrap();
+        write_config(d.path(), "src", "out");
+    }
+    let tui = Dashboard::start(dd.path());
+    let plain = Watch::start(dp.path());
+    // Idle CPU, both at once.
+    std::thread::sleep(Duration::from_secs(1));
+    let (t0, p0) = (proc_cpu_ticks(tui.pid), proc_cpu_ticks(plain.child.id()));
+    std::thread::sleep(Duration::from_secs(secs));
+    let (t1, p1) = (proc_cpu_ticks(tui.pid), proc_cpu_ticks(plain.child.id()));
+    let pct = |a: u64, b: u64| (b - a) as f64 / 100.0 / secs as f64 * 100.0;
+    println!(
+        "idle CPU over {secs} s: dashboard {:.2}% of a core | --json {:.2}%   (target: dashboard under 1%)",
+        pct(t0, t1),
+        pct(p0, p1)
+    );
+    // Edit-to-visible, interleaved.
+    let obs_t = Observer::new(dd.path().join("src/f.txt"), dd.path().join("out/f.txt"));
+    let obs_p = Observer::new(dp.path().join("src/f.txt"), dp.path().join("out/f.txt"));
+    let (mut lt, mut lp) = (Vec::new(), Vec::new());
+    for i in 0..edits {
+        lt.push(obs_t.edit(i));
+        std::thread::sleep(Duration::from_millis(3));
+        lp.push(obs_p.edit(i));
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let (t50, t99, p50, p99) =
+        (percentile(&mut lt, 0.5), percentile(&mut lt, 0.99), percentile(&mut lp, 0.5), percentile(&mut lp, 0.99));
+    println!(
+        "edit-to-visible, {edits} edits each, interleaved: dashboard p50 {t50:.3} ms p99 {t99:.3} ms | --json p50 {p50:.3} ms p99 {p99:.3} ms | ratio p50 {:.2}x",
+        t50 / p50
+    );
+    // Keys: when idle, then during a 2000-file branch switch (every file
+    // replaced, three times over, as a checkout does).
+    let mut idle_keys: Vec<f64> = (0..10).map(|_| tui.key_round_trip()).collect();
+    let src = dd.path().join("src");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switcher = {
+        let (src, done) = (src.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            for round in 0..3 {
+                for i in 0..2000 {
+                    let f = src.join(format!("d{:02}/f{i}.txt", i % 40));
+                    let tmp = f.with_extension("tmp");
+                    std::fs::write(&tmp, format!("branch {round} file {i}\n")).unwrap();
+                    std::fs::rename(&tmp, &f).unwrap();
+                    n += 1;
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            n
+        })
+    };
+    let mut busy_keys = Vec::new();
+    while !done.load(Ordering::Relaxed) || busy_keys.len() < 5 {
+        busy_keys.push(tui.key_round_trip());
+        if busy_keys.len() >= 50 {
+            break;
+        }
+    }
+    let files = switcher.join().unwrap();
+    let (i50, imax) = (percentile(&mut idle_keys, 0.5), percentile(&mut idle_keys, 1.0));
+    let (b50, bmax) = (percentile(&mut busy_keys, 0.5), percentile(&mut busy_keys, 1.0));
+    println!(
+        "key to answered screen (through tmux): idle p50 {i50:.1} ms max {imax:.1} ms | during a branch switch ({files} file replacements, {} keys) p50 {b50:.1} ms max {bmax:.1} ms | ratio p50 {:.2}x\n",
+        busy_keys.len(),
+        b50 / i50
     );
 }

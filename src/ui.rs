@@ -30,9 +30,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the clocks on screen ("12s ago", ETA) move on.
 const TICK: Duration = Duration::from_millis(500);
-/// Events taken in one go before the next frame: a burst (a branch
-/// switch) is drawn once, not once per event.
-const BURST: usize = 4096;
+/// How long events are taken in one go before the next frame: a burst (a
+/// branch switch) is drawn a few times, not once per event, and a key
+/// waits at most this long behind it.
+const BURST: Duration = Duration::from_millis(4);
 
 /// Whether `devloop watch` shows the dashboard: on a terminal, unless
 /// asked not to.
@@ -188,7 +189,8 @@ pub async fn run(hub: Hub, title: String, log: PathBuf, cancel: CancellationToke
                 match r {
                     Ok(ev) => {
                         model.apply(&ev);
-                        for _ in 0..BURST {
+                        let t0 = std::time::Instant::now();
+                        while t0.elapsed() < BURST {
                             match rx.try_recv() {
                                 Ok(ev) => model.apply(&ev),
                                 Err(_) => break,

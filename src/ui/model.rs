@@ -110,9 +110,12 @@ impl Model {
                 self.scroll += 1;
             }
         }
-        let n = self.rows().len();
-        if self.selected >= n {
-            self.selected = n.saturating_sub(1);
+        // Rows only come and go with sessions.
+        if matches!(ev.kind, Kind::AgentStarting { .. }) || self.selected > 0 {
+            let n = self.rows().len();
+            if self.selected >= n {
+                self.selected = n.saturating_sub(1);
+            }
         }
     }
 
