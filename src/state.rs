@@ -27,6 +27,8 @@ pub struct ServiceState {
     /// What the service itself (not one session) reported: no ready pods,
     /// a workload changed, an error finding pods.
     pub note: Option<String>,
+    /// When `note` last changed (Unix ms): how long the service has waited.
+    pub note_ms: Option<u64>,
     pub errors: VecDeque<Problem>,
 }
 
@@ -202,13 +204,25 @@ impl State {
         let svc = self.services.entry(ev.service.clone()).or_default();
         // Events of the service itself, for a Kubernetes target (whose
         // sessions are its pods').
+        // (A warning before any session: a Kubernetes service waiting for
+        // its first ready pod.)
+        let has_pods = svc.sessions.keys().any(|k| !k.is_empty());
         let of_service = ev.pod.is_none()
-            && matches!(ev.kind, Kind::Warning { .. } | Kind::WorkloadChanged { .. } | Kind::Error { .. })
-            && svc.sessions.keys().any(|k| !k.is_empty());
+            && match ev.kind {
+                Kind::Warning { .. } | Kind::WorkloadChanged { .. } => has_pods || svc.sessions.is_empty(),
+                Kind::Error { .. } => has_pods,
+                _ => false,
+            };
         if of_service {
+            let mut note = |n: String| {
+                if svc.note.as_ref() != Some(&n) {
+                    svc.note = Some(n);
+                    svc.note_ms = Some(ev.ts);
+                }
+            };
             match &ev.kind {
-                Kind::Warning { message } => svc.note = Some(message.clone()),
-                Kind::WorkloadChanged { workload, change } => svc.note = Some(format!("{workload}: {change}")),
+                Kind::Warning { message } => note(message.clone()),
+                Kind::WorkloadChanged { workload, change } => note(format!("{workload}: {change}")),
                 Kind::Error { message, hint } => {
                     let p = Problem { at_ms: ev.ts, message: message.clone(), hint: hint.clone() };
                     push(&mut svc.errors, p, KEEP_ERRORS);

@@ -118,6 +118,16 @@ fn starting() {
 }
 
 #[test]
+fn a_service_waiting_for_pods_says_why_and_since_when() {
+    let e = vec![ev("api", None, 0.0, Kind::Warning { message: "no ready pods for deployment/api (waiting)".into() })];
+    let m = model(&e, 42.0);
+    let s = screen(&m, 80, 24);
+    assert!(s.contains("waiting 42s"), "{s}");
+    assert!(s.contains("waiting 42s: no ready pods for"), "{s}");
+    check("waiting_for_pods", &m, 80, 24);
+}
+
+#[test]
 fn initial_sync_shows_progress_rate_and_eta() {
     let mut e = started("web", None, 0.0, "local:.devloop/targets/web");
     e.push(connected("web", None, 0.5));

@@ -193,9 +193,10 @@ fn draw_table(f: &mut Frame, m: &Model, t: &Theme, area: Rect) {
                     Cell::from(svc.note.clone().unwrap_or_default()),
                 ])
             } else if r.pod.is_none() && svc.sessions.is_empty() {
+                let since = svc.note_ms.map(|at| format!(" {}", ago(m.now_ms, at))).unwrap_or_default();
                 Row::new(vec![
                     Cell::from(name),
-                    Cell::from("waiting"),
+                    Cell::from(format!("waiting{since}")),
                     Cell::from(svc.note.clone().unwrap_or_default()),
                 ])
             } else {
@@ -260,7 +261,8 @@ fn draw_detail(f: &mut Frame, m: &Model, t: &Theme, area: Rect) {
             lines.extend(progress_text(p, m.now_ms).into_iter().map(Line::from));
         }
     } else if let Some(n) = &svc.note {
-        lines.push(Line::from(format!("waiting: {n}")));
+        let since = svc.note_ms.map(|at| format!(" {}", ago(m.now_ms, at))).unwrap_or_default();
+        lines.push(Line::from(format!("waiting{since}: {n}")));
     }
     let spark_h = u16::from(s.is_some_and(|s| !s.latencies.is_empty() && s.progress.is_none()));
     if spark_h == 1 {
@@ -282,20 +284,24 @@ fn draw_detail(f: &mut Frame, m: &Model, t: &Theme, area: Rect) {
         f.render_widget(Sparkline::default().data(data).style(t.fg(Color::Cyan)), spark_area);
     }
 
-    // Right: the last errors with their hints, then the last on_sync.
+    // Right: the last errors (newest first) with their hints, in full,
+    // then the last on_sync.
     let mut lines: Vec<Line> = Vec::new();
     let errors: Vec<_> = svc.errors.iter().chain(s.map(|s| s.errors.iter()).into_iter().flatten()).collect();
-    match errors.last() {
-        None => lines.push(Line::from("errors: none")),
-        Some(e) => {
-            lines.push(Line::from(Span::styled(format!("error: {}", e.message), t.fg(Color::Red))));
-            if let Some(h) = &e.hint {
-                lines.push(Line::from(format!("hint: {h}")));
-            }
-            if errors.len() > 1 {
-                lines.push(Line::from(format!("({} earlier errors in the log)", errors.len() - 1)));
-            }
+    if errors.is_empty() {
+        lines.push(Line::from("errors: none"));
+    }
+    for e in errors.iter().rev().take(3) {
+        lines.push(Line::from(Span::styled(
+            format!("error {} ago: {}", ago(m.now_ms, e.at_ms), e.message),
+            t.fg(Color::Red),
+        )));
+        if let Some(h) = &e.hint {
+            lines.push(Line::from(format!("  hint: {h}")));
         }
+    }
+    if errors.len() > 3 {
+        lines.push(Line::from(format!("({} earlier errors in the log)", errors.len() - 3)));
     }
     if let Some(c) = s.and_then(|s| s.on_sync.as_ref()) {
         lines.push(Line::from(format!("on_sync `{}`: {}", c.command, on_sync_cell(s.expect("a session")))));
