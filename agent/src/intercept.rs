@@ -34,8 +34,24 @@ const APP_TIMEOUT: Duration = Duration::from_secs(5);
 /// which all end when this is dropped.
 pub struct Held {
     _tasks: JoinSet<()>,
+    /// The listeners' descriptors (their tasks own them).
+    fds: Vec<std::os::fd::RawFd>,
     pub listening: Vec<String>,
     pub lease: Duration,
+}
+
+impl Drop for Held {
+    /// Stops the listeners now, not when their aborted tasks are next
+    /// polled: from here on the forwarder finds nobody on the claim port
+    /// and hands new callers to the app. (Until then, a caller the kernel
+    /// queued on a listener about to go away was reset.)
+    fn drop(&mut self) {
+        for fd in &self.fds {
+            // SAFETY: the listener tasks own these descriptors and are
+            // aborted with `_tasks`, after this; shutdown does not close.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+    }
 }
 
 /// One intercepted port, resolved.
@@ -71,11 +87,13 @@ pub async fn hold(
     }
     let mut tasks = JoinSet::new();
     let mut listening = Vec::new();
+    let mut fds = Vec::new();
     for (l, port) in bound {
         listening.push(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        fds.push(std::os::fd::AsRawFd::as_raw_fd(&l));
         tasks.spawn(accept_loop(l, port, mux.clone()));
     }
-    Ok(Held { _tasks: tasks, listening, lease: Duration::from_millis(lease_ms.max(100)) })
+    Ok(Held { _tasks: tasks, fds, listening, lease: Duration::from_millis(lease_ms.max(100)) })
 }
 
 /// Callers arrive in bursts (a thousand at once, from the forwarder's

@@ -316,8 +316,9 @@ where
         }
         acknowledge(result, id, commands, restart, out.clone(), post_sync.clone());
     };
-    tunnels.abort_all();
+    // The listeners first: new callers go to the app from now on.
     drop(held);
+    tunnels.abort_all();
     let clean =
         matches!(end, End::Closed { code: close_code::NORMAL, .. } | End::Closed { code: close_code::SHUTDOWN, .. });
     if !clean {
