@@ -515,16 +515,30 @@ async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format, tui:
         tokio::spawn(devloop::control::serve(listener, path, hub.clone(), control_stop.clone()))
     });
     // The dashboard, or the plain (or NDJSON) printer.
+    let ui_crashed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let printer = if tui {
+        let ui_crashed = ui_crashed.clone();
         let title = format!("devloop {} · {}", if intercept_only { "intercept" } else { "watch" }, cfg.file.display());
         let log = devloop::ui::log_path(&cfg.file);
         tokio::spawn({
             let (hub, cancel) = (hub.clone(), cancel.clone());
             async move {
-                match devloop::ui::run(hub, title, log, cancel.clone()).await {
-                    Ok(log) => eprintln!("devloop: the log of this run is in {}", log.display()),
-                    Err(e) => {
+                // Its own task: a panic in it (unwound: the terminal is
+                // already given back) stops devloop cleanly too.
+                let ui = tokio::spawn(devloop::ui::run(hub, title, log.clone(), cancel.clone()));
+                match ui.await {
+                    Ok(Ok(log)) => eprintln!("devloop: the log of this run is in {}", log.display()),
+                    Ok(Err(e)) => {
                         eprintln!("devloop: the dashboard failed ({e}); run with --no-tui for plain lines");
+                        cancel.cancel();
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "devloop: the dashboard crashed ({}): a bug; devloop stops. Its log: {}; --no-tui gives plain lines",
+                            if e.is_panic() { "panic" } else { "cancelled" },
+                            log.display()
+                        );
+                        ui_crashed.store(true, std::sync::atomic::Ordering::Relaxed);
                         cancel.cancel();
                     }
                 }
@@ -585,5 +599,8 @@ async fn run(cfg: Config, mode: Mode, intercept_only: bool, format: Format, tui:
     }
     hub.close().await;
     let _ = printer.await;
+    if ui_crashed.load(std::sync::atomic::Ordering::Relaxed) {
+        code = code.max(exit::INTERNAL);
+    }
     code
 }

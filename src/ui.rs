@@ -164,6 +164,17 @@ pub async fn run(hub: Hub, title: String, log: PathBuf, cancel: CancellationToke
         if let Err(e) = term.draw(|f| draw(f, &model)) {
             break Err(e);
         }
+        // Tests: a dashboard that panics must still give the terminal back.
+        if devloop_agent::fault::hit("ui-panic")
+            && model
+                .state
+                .services
+                .values()
+                .flat_map(|s| s.sessions.values())
+                .any(|s| s.agent == crate::state::AgentState::Live)
+        {
+            panic!("injected fault: ui-panic");
+        }
         tokio::select! {
             biased;
             Some(k) = keys.recv() => {

@@ -20,6 +20,11 @@ impl Tmux {
     /// A private tmux server running `devloop watch` (the dashboard: on
     /// a terminal it is the default) on a copy of the demo, 80×24.
     fn start() -> Tmux {
+        Tmux::start_env("")
+    }
+
+    /// With extra environment (`NAME=VALUE ...`) for devloop.
+    fn start_env(env: &str) -> Tmux {
         if Command::new("tmux").arg("-V").output().is_err() {
             panic!("tmux is missing: scripts/test installs it (apt-get install tmux)");
         }
@@ -33,7 +38,7 @@ impl Tmux {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_devloop"));
         let agent = bin.with_file_name("devloop-agent");
         let script = format!(
-            "cd {d} && env DEVLOOP_AGENT_BIN={a} TERM=xterm-256color {b} watch; echo $? > {d}/exited; stty -a > {d}/stty; sleep 600",
+            "cd {d} && env DEVLOOP_AGENT_BIN={a} TERM=xterm-256color {env} {b} watch; echo $? > {d}/exited; stty -a > {d}/stty; sleep 600",
             d = dir.path().display(),
             a = agent.display(),
             b = bin.display()
@@ -69,8 +74,13 @@ impl Tmux {
         self.tmux(&["send-keys", "-t", "t", k]);
     }
 
-    /// After devloop exits: its exit code, and the terminal is given back.
+    /// After devloop exits: its exit code, and the terminal is given back
+    /// (and the log's path printed).
     fn wait_restored(&self) -> i32 {
+        self.wait_restored_saying("devloop: the log of this run is in")
+    }
+
+    fn wait_restored_saying(&self, said: &str) -> i32 {
         let exited = self.dir.path().join("exited");
         let deadline = Instant::now() + T;
         while !self.dir.path().join("stty").exists() {
@@ -89,7 +99,7 @@ impl Tmux {
         );
         assert_eq!(self.tmux(&["display", "-p", "-t", "t", "#{cursor_flag}"]).trim(), "1", "the cursor is shown again");
         let s = self.screen();
-        assert!(s.contains("devloop: the log of this run is in"), "{s}");
+        assert!(s.contains(said), "{s}");
         std::fs::read_to_string(exited).unwrap().trim().parse().unwrap()
     }
 }
@@ -147,4 +157,35 @@ fn sigterm_while_the_dashboard_is_up_restores_the_terminal() {
     let devloop: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("devloop's pid");
     unsafe { libc::kill(devloop, libc::SIGTERM) };
     assert_eq!(t.wait_restored(), 0);
+}
+
+#[test]
+fn ctrl_c_quits_and_restores_the_terminal() {
+    let t = Tmux::start();
+    t.wait_screen("the live service", |s| s.contains("1/1 live"));
+    // Raw mode: Ctrl-C is a key for the dashboard, not a signal.
+    t.keys("C-c");
+    assert_eq!(t.wait_restored(), 0);
+}
+
+/// A bug in the dashboard (a panic, injected): the terminal is given back,
+/// devloop stops every service cleanly, and says so with exit code 4.
+#[test]
+fn a_panicking_dashboard_gives_the_terminal_back_and_stops_devloop() {
+    let t = Tmux::start_env("DEVLOOP_FAULTS=cli:ui-panic");
+    let code = t.wait_restored_saying("devloop: the dashboard crashed (panic): a bug; devloop stops");
+    assert_eq!(code, 4);
+    // The panic's message went to the log, not over the screen.
+    let log = std::fs::read_to_string(t.dir.path().join(".devloop/watch.log")).unwrap();
+    assert!(log.contains("injected fault: ui-panic"), "{log}");
+    // Every service stopped: the app's process is gone with the agent.
+    let pid: i32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("[hello] app started (pid ")?.strip_suffix(')')?.parse().ok())
+        .unwrap_or_else(|| panic!("the app never started: {log}"));
+    let deadline = Instant::now() + T;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the app (pid {pid}) outlived devloop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
