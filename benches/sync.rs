@@ -475,6 +475,26 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// VmHWM: the most the process ever held.
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The local agent devloop runs (its child).
+fn agent_of(devloop: u32) -> Option<u32> {
+    let out = Command::new("pgrep").args(["-P", &devloop.to_string(), "-x", "devloop-agent"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
 fn bench_idle(secs: u64) {
     println!("## 5. watcher cost on a 100k-file tree");
     let d = tempfile::tempdir().unwrap();
@@ -498,9 +518,35 @@ fn bench_idle(secs: u64) {
     let hz = 100.0; // USER_HZ on Linux
     let cpu_pct = (c1 - c0) as f64 / hz / secs as f64 * 100.0;
     println!(
-        "100000 files in 5000 dirs: initial sync + watch setup {startup:.2} s; idle CPU over {secs} s: {cpu_pct:.2}% of a core; devloop RSS {:.1} MiB\n",
-        rss_kib(pid) as f64 / 1024.0
+        "100000 files in 5000 dirs: initial sync + watch setup {startup:.2} s; idle CPU over {secs} s: {cpu_pct:.2}% of a core"
     );
+    let agent = agent_of(pid).unwrap_or(0);
+    println!(
+        "memory after {secs} s idle: devloop RSS {:.1} MiB, peak {:.1} MiB (targets 40 and 80) | agent RSS {:.1} MiB, peak {:.1} MiB",
+        mib(rss_kib(pid)),
+        mib(peak_kib(pid)),
+        mib(rss_kib(agent)),
+        mib(peak_kib(agent))
+    );
+    // Reconnects: the agent killed, devloop starts another and resyncs by
+    // content; memory must not grow with each.
+    let mut after = Vec::new();
+    for _ in 0..20 {
+        let Some(a) = agent_of(pid) else { break };
+        unsafe { libc::kill(a as i32, libc::SIGKILL) };
+        w.wait("in_sync", Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(200));
+        after.push(rss_kib(pid));
+    }
+    if let (Some(first), Some(last)) = (after.first(), after.last()) {
+        println!(
+            "RSS after 1 reconnect {:.1} MiB, after {} {:.1} MiB: {:+.1}% (target within 5%)\n",
+            mib(*first),
+            after.len(),
+            mib(*last),
+            (*last as f64 / *first as f64 - 1.0) * 100.0
+        );
+    }
 }
 
 /// Counts what crosses a TCP proxy between devloop and the API server.
