@@ -118,9 +118,8 @@ fn servers() -> Servers {
     ports
 }
 
-/// Sends `n` bytes, half-closes, waits for the sink's count.
-async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut r: R, mut w: W, n: u64) -> f64 {
-    let t0 = Instant::now();
+/// Writes `n` bytes in 256 KiB pieces.
+async fn send_bytes<W: AsyncWrite + Unpin>(w: &mut W, n: u64) {
     let buf = vec![0xa5u8; 256 << 10];
     let mut left = n;
     while left > 0 {
@@ -128,6 +127,12 @@ async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut r: R, mut w: W,
         w.write_all(&buf[..k]).await.unwrap();
         left -= k as u64;
     }
+}
+
+/// Sends `n` bytes, half-closes, waits for the sink's count.
+async fn upload<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut r: R, mut w: W, n: u64) -> f64 {
+    let t0 = Instant::now();
+    send_bytes(&mut w, n).await;
     w.shutdown().await.unwrap();
     let mut got = [0u8; 8];
     r.read_exact(&mut got).await.unwrap();
@@ -501,13 +506,7 @@ fn bench_kube(rt: &tokio::runtime::Runtime) {
         // The sink answers in text (`wc -c`) once it has N bytes.
         async fn up_text<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut r: R, mut w: W, n: u64) -> f64 {
             let t0 = Instant::now();
-            let buf = vec![0xa5u8; 256 << 10];
-            let mut left = n;
-            while left > 0 {
-                let k = left.min(buf.len() as u64) as usize;
-                w.write_all(&buf[..k]).await.unwrap();
-                left -= k as u64;
-            }
+            send_bytes(&mut w, n).await;
             w.flush().await.unwrap();
             let mut got = String::new();
             r.read_to_string(&mut got).await.unwrap();

@@ -466,23 +466,23 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A field of /proc/PID/status, in KiB (`VmRSS`, `VmHWM`: the most the
+/// process ever held).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|x| x.parse().ok()))
         .unwrap_or(0)
 }
 
-/// VmHWM: the most the process ever held.
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
 fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|x| x.parse().ok()))
-        .unwrap_or(0)
+    status_kib(pid, "VmHWM")
 }
 
 /// The local agent devloop runs (its child).

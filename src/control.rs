@@ -25,6 +25,12 @@ use tokio_util::sync::CancellationToken;
 const MAX_REQUEST: usize = 64 << 10;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a starting devloop waits for the one that holds the socket.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `status` waits for its answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `trigger` waits: a resync of a big tree answers when done.
+const TRIGGER_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -123,7 +129,7 @@ pub async fn bind(config: &Path) -> Result<(UnixListener, PathBuf), ControlError
     let path = socket_path(config);
     private_dir(path.parent().expect("the socket has a directory"))?;
     if path.exists() {
-        match request(&path, &Request::Status).await {
+        match request(&path, &Request::Status, PROBE_TIMEOUT).await {
             Ok(reply) => {
                 return Err(ControlError {
                     message: format!(
@@ -135,6 +141,15 @@ pub async fn bind(config: &Path) -> Result<(UnixListener, PathBuf), ControlError
                         "`devloop status` and `devloop trigger` talk to it; stop it (Ctrl-C in its terminal) to start another"
                             .into(),
                     ),
+                    running: true,
+                })
+            }
+            // Something took the connection and never answered: a devloop
+            // that is stopped (SIGSTOP, a debugger) still holds it.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(ControlError {
+                    message: format!("a devloop holds {} but does not answer (stopped?)", path.display()),
+                    hint: Some("resume or stop it (`fuser` or `ss -xp` names its process); then start again".into()),
                     running: true,
                 })
             }
@@ -216,26 +231,32 @@ async fn handle(req: Request, hub: &Hub) -> Reply {
 }
 
 /// Sends one request to the devloop serving `path`, and reads its reply.
-pub async fn request(path: &Path, req: &Request) -> io::Result<Reply> {
+pub async fn request(path: &Path, req: &Request, timeout: Duration) -> io::Result<Reply> {
     let s = UnixStream::connect(path).await?;
     let (rd, mut wr) = s.into_split();
     let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
     line.push(b'\n');
     wr.write_all(&line).await?;
     let mut reply = String::new();
-    // An action (a resync of a big tree) may take a while to answer.
-    let read = tokio::time::timeout(Duration::from_secs(600), BufReader::new(rd).read_line(&mut reply)).await;
+    let read = tokio::time::timeout(timeout, BufReader::new(rd).read_line(&mut reply)).await;
     match read {
         Ok(Ok(n)) if n > 0 => serde_json::from_str(&reply).map_err(io::Error::other),
         Ok(Err(e)) => Err(e),
-        _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "devloop closed the connection without answering")),
+        Ok(Ok(_)) => {
+            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "devloop closed the connection without answering"))
+        }
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
     }
 }
 
 /// The client side: the reply, or an error that says what to do.
 pub async fn ask(config: &Path, req: &Request) -> Result<Reply, ControlError> {
     let path = socket_path(config);
-    request(&path, req).await.map_err(|e| {
+    let timeout = match req {
+        Request::Status => STATUS_TIMEOUT,
+        Request::Trigger { .. } => TRIGGER_TIMEOUT,
+    };
+    request(&path, req, timeout).await.map_err(|e| {
         let message = match e.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
                 format!("no devloop is running on {} (no answer on {})", config.display(), path.display())

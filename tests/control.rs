@@ -14,7 +14,7 @@ use util::*;
 const T: Duration = Duration::from_secs(30);
 
 fn run(p: &Project, args: &[&str]) -> (i32, String) {
-    let Output { status, stdout, stderr } = p.cmd(args).output().unwrap();
+    let Output { status, stdout, stderr } = output_within(p.cmd(args), T);
     (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned() + &String::from_utf8_lossy(&stderr))
 }
 
@@ -26,40 +26,14 @@ fn project() -> Project {
     p
 }
 
-/// The socket `devloop watch` serves for this project, found through
-/// `devloop --json status` (which must succeed).
+/// The socket `devloop watch` serves for this project (the path the CLI
+/// computes), checked to be the one it answers on.
 fn socket(p: &Project) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map(|d| PathBuf::from(d).join("devloop"))
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("devloop-{}", unsafe { libc::getuid() })));
-    let pid = {
-        let (code, out) = run(p, &["--json", "status"]);
-        assert_eq!(code, 0, "{out}");
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        v["pid"].as_u64().unwrap()
-    };
-    // The one socket in the directory that this devloop holds open.
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
-        let ino = std::fs::metadata(&path).unwrap().ino();
-        let held = fds.filter_map(|f| std::fs::read_link(f.unwrap().path()).ok()).any(|l| {
-            let l = l.to_string_lossy().into_owned();
-            l.starts_with("socket:") && {
-                // /proc/net/unix lists the path with the socket's inode.
-                let net = std::fs::read_to_string("/proc/net/unix").unwrap();
-                let sock_ino = &l["socket:[".len()..l.len() - 1];
-                net.lines()
-                    .any(|n| n.contains(&*path.to_string_lossy()) && n.split_whitespace().nth(6) == Some(sock_ino))
-            }
-        });
-        if held {
-            let _ = ino;
-            return path;
-        }
-    }
-    panic!("no socket in {} is held by devloop (pid {pid})", dir.display());
+    let path = devloop::control::socket_path(&p.dir.path().join("devloop.yaml"));
+    assert!(path.exists(), "no socket at {}", path.display());
+    let (code, out) = run(p, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    path
 }
 
 #[test]
@@ -126,6 +100,41 @@ fn a_second_watch_is_refused_and_told_where_the_first_is() {
     assert_eq!(w.interrupt(), 0);
 }
 
+/// A watch that is stopped (SIGSTOP: a debugger, a suspended job) holds
+/// its socket and answers nothing: a second watch says so within seconds,
+/// instead of waiting on it or taking its socket.
+#[test]
+fn a_stopped_watch_is_named_not_waited_on() {
+    let p = project();
+    let w = p.watch();
+    let pid = w.child.id();
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    // The precondition: it is stopped.
+    let deadline = std::time::Instant::now() + T;
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .trim_start()
+        .starts_with('T')
+    {
+        assert!(std::time::Instant::now() < deadline, "devloop did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = std::time::Instant::now();
+    let (code, out) = run(&p, &["watch", "--no-tui"]);
+    let took = t0.elapsed();
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("does not answer (stopped?)"), "{out}");
+    assert!(took < Duration::from_secs(10), "refused after {took:?}");
+    // Woken, it serves again.
+    let (code, out) = run(&p, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(w.interrupt(), 0);
+}
+
 #[test]
 fn a_socket_left_by_a_killed_watch_is_taken_over() {
     let p = project();
@@ -181,7 +190,7 @@ fn only_this_user_can_reach_the_socket() {
                 Ok(())
             });
         }
-        let out = c.output().unwrap();
+        let out = output_within(c, T);
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     if uid != 0 {
@@ -207,7 +216,9 @@ fn completions_are_current() {
     // Generated from the command line's definition: every subcommand is in
     // each shell's script, and the committed bash script is the same.
     for shell in ["bash", "zsh", "fish"] {
-        let out = devloop().args(["completions", shell]).output().unwrap();
+        let mut c = devloop();
+        c.args(["completions", shell]);
+        let out = output_within(c, T);
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         for sub in ["watch", "sync", "status", "trigger", "intercept", "env", "run", "down", "doctor", "completions"] {

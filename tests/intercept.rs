@@ -415,7 +415,7 @@ fn the_intercept_is_let_go_and_taken_back_on_request() {
         |path: &str| servers::get(svc, path, "").map(|(_, body)| body).unwrap_or_else(|e| format!("error: {e}"));
     assert!(answer("/1").starts_with("dev GET /1"), "intercepted at first");
     let trigger = |on: &str| {
-        let out = p.cmd(&["trigger", "web", "intercept", on]).output().unwrap();
+        let out = output_within(p.cmd(&["trigger", "web", "intercept", on]), T);
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "intercept {on}: {text}");
     };

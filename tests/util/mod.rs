@@ -286,3 +286,34 @@ pub fn fingerprint(root: &Path) -> BTreeMap<String, (Vec<u8>, std::time::SystemT
     }
     out
 }
+
+/// Runs a command to its end, as `Command::output` does, but fails the
+/// test (killing the command) if it takes longer than `timeout`.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut readers = Vec::new();
+    for mut pipe in
+        [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+    {
+        readers.push(std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = pipe.read_to_end(&mut v);
+            v
+        }));
+    }
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not end within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut outs = readers.into_iter().map(|r| r.join().unwrap());
+    std::process::Output { status, stdout: outs.next().unwrap(), stderr: outs.next().unwrap() }
+}
