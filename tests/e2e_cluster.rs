@@ -1066,6 +1066,10 @@ async fn intercept_routes_the_service_to_this_machine_survives_sigkill_and_down_
         "the crashed run's forwarder and Service are kept:\n{}",
         w.dump()
     );
+    // Every replica's agent holds it again before the freeze below: a
+    // replica not yet held would send calls to the app before the lease
+    // ran out, and the freeze would prove nothing.
+    intercepted_everywhere(&client, &ns.name, "web", 2, &mut w).await;
 
     println!("step: devloop frozen (a closed lid: SIGSTOP): the lease runs out, the app answers; woken, it resumes");
     let pid = w.child.id() as i32;
