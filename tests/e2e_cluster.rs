@@ -254,9 +254,74 @@ async fn ready_pods(pods: &Api<Pod>, app: &str, n: usize) -> Vec<String> {
         if ready.len() == n {
             return ready;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "{n} ready pods of app={app} never came");
+        if t0.elapsed() > Duration::from_secs(120) {
+            panic!("{n} ready pods of app={app} never came\n{}", why_not_ready(pods, app).await);
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// What a cluster says about pods that did not become ready: each pod's
+/// phase, conditions and container states, the namespace's events and the
+/// node's conditions. A timeout in CI is diagnosed from its own output.
+async fn why_not_ready(pods: &Api<Pod>, app: &str) -> String {
+    use k8s_openapi::api::core::v1::{Event, Node};
+    let mut out = String::new();
+    match pods.list(&ListParams::default().labels(&format!("app={app}"))).await {
+        Ok(list) if list.items.is_empty() => out.push_str("no pods at all (is kube-controller-manager running?)\n"),
+        Ok(list) => {
+            for p in list.items {
+                let name = p.metadata.name.unwrap_or_default();
+                let st = p.status.unwrap_or_default();
+                out.push_str(&format!("pod {name}: phase {:?}\n", st.phase));
+                for c in st.conditions.unwrap_or_default() {
+                    out.push_str(&format!(
+                        "  condition {}={} {} {}\n",
+                        c.type_,
+                        c.status,
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default()
+                    ));
+                }
+                for c in st.container_statuses.unwrap_or_default() {
+                    out.push_str(&format!("  container {}: {:?}\n", c.name, c.state));
+                }
+            }
+        }
+        Err(e) => out.push_str(&format!("listing pods failed: {e}\n")),
+    }
+    let client = pods.clone().into_client();
+    let events: Api<Event> = match pods.namespace() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match events.list(&ListParams::default()).await {
+        Ok(list) => {
+            for e in list.items.iter().rev().take(30) {
+                out.push_str(&format!(
+                    "event {} {}/{}: {} {}\n",
+                    e.type_.as_deref().unwrap_or(""),
+                    e.involved_object.kind.as_deref().unwrap_or(""),
+                    e.involved_object.name.as_deref().unwrap_or(""),
+                    e.reason.as_deref().unwrap_or(""),
+                    e.message.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        Err(e) => out.push_str(&format!("listing events failed: {e}\n")),
+    }
+    match Api::<Node>::all(client).list(&ListParams::default()).await {
+        Ok(list) => {
+            for n in list.items {
+                let name = n.metadata.name.unwrap_or_default();
+                for c in n.status.and_then(|s| s.conditions).unwrap_or_default() {
+                    out.push_str(&format!("node {name}: {}={} {}\n", c.type_, c.status, c.message.unwrap_or_default()));
+                }
+            }
+        }
+        Err(e) => out.push_str(&format!("listing nodes failed: {e}\n")),
+    }
+    out
 }
 
 /// What a pod holds under `root`: "path=content" lines, sorted.
