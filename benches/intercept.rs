@@ -22,7 +22,8 @@
 //! runs per path, default 3; the median is shown), BENCH_MEASURE (up or
 //! down: that throughput only, for profiling).
 
-use std::path::PathBuf;
+mod common;
+use common::*;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,15 +33,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const GIB: u64 = 1 << 30;
 const MSG: usize = 64;
-
-fn devloop_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_devloop"))
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 /// A listener on loopback with a deep accept queue (a thousand callers
 /// may arrive at once).

@@ -22,6 +22,8 @@
 //! Options (env): BENCH_EDITS (default 300), BENCH_IDLE_SECS (default 30),
 //! BENCH_ONLY (comma list of: latency,initial,burst,idle,interleave,dashboard,kube).
 
+mod common;
+use common::*;
 use notify::Watcher as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -29,10 +31,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-
-fn devloop_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_devloop"))
-}
 
 fn agent_bin() -> PathBuf {
     let a = devloop_bin().with_file_name("devloop-agent");
@@ -108,11 +106,6 @@ impl Drop for Watch {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
     }
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// The floor copier's trigger. notify also reports opens and read-only
@@ -318,47 +311,6 @@ fn bench_latency(n: usize, base: Option<&Path>) {
 }
 
 /// A repo-like tree: `files` small files in nested dirs plus `big` binaries.
-fn make_tree(root: &Path, files: usize, big: usize, big_mb: usize) -> u64 {
-    let mut total = 0u64;
-    let mut seed = 0x2545f4914f6cdd1du64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    for i in 0..files {
-        let dir = root.join(format!("pkg{:03}/mod{:02}", i % 300, (i / 300) % 20));
-        std::fs::create_dir_all(&dir).unwrap();
-        // Sizes like source code: mostly a few KiB, some up to 64 KiB.
-        let size = match rnd() % 10 {
-            0 => 16_384 + (rnd() % 49_152) as usize,
-            _ => 256 + (rnd() % 8_000) as usize,
-        };
-        let line = format!("// file {i}: some source text that compresses like code\n");
-        let content: Vec<u8> = line.bytes().cycle().take(size).collect();
-        total += size as u64;
-        std::fs::write(dir.join(format!("f{i}.rs")), content).unwrap();
-    }
-    std::fs::create_dir_all(root.join("assets")).unwrap();
-    for b in 0..big {
-        let mut data = vec![0u8; big_mb << 20];
-        for chunk in data.chunks_mut(8) {
-            chunk.copy_from_slice(&rnd().to_le_bytes()[..chunk.len()]);
-        }
-        total += data.len() as u64;
-        std::fs::write(root.join(format!("assets/blob{b}.bin")), data).unwrap();
-    }
-    total
-}
-
-fn time_cmd(c: &mut Command) -> f64 {
-    let t0 = Instant::now();
-    let s = c.status().unwrap();
-    assert!(s.success(), "{c:?} failed");
-    t0.elapsed().as_secs_f64()
-}
-
 /// A temporary directory under `base`, or under TMPDIR.
 fn tempdir_under(base: Option<&Path>) -> tempfile::TempDir {
     match base {
@@ -547,69 +499,6 @@ fn bench_idle(secs: u64) {
             (*last as f64 / *first as f64 - 1.0) * 100.0
         );
     }
-}
-
-/// Counts what crosses a TCP proxy between devloop and the API server.
-#[derive(Default)]
-struct Traffic {
-    connections: std::sync::atomic::AtomicU64,
-    up: std::sync::atomic::AtomicU64,
-    down: std::sync::atomic::AtomicU64,
-}
-
-/// A loopback TCP proxy to `upstream`; returns its address.
-fn proxy(upstream: std::net::SocketAddr, t: std::sync::Arc<Traffic>) -> std::net::SocketAddr {
-    use std::sync::atomic::Ordering::Relaxed;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            t.connections.fetch_add(1, Relaxed);
-            let Ok(s) = std::net::TcpStream::connect(upstream) else { continue };
-            for (mut a, mut b, up) in [(c.try_clone().unwrap(), s.try_clone().unwrap(), true), (s, c, false)] {
-                let t = t.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    while let Ok(n) = std::io::Read::read(&mut a, &mut buf) {
-                        if n == 0 || std::io::Write::write_all(&mut b, &buf[..n]).is_err() {
-                            break;
-                        }
-                        (if up { &t.up } else { &t.down }).fetch_add(n as u64, Relaxed);
-                    }
-                    let _ = b.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-    addr
-}
-
-fn kubectl_like(args: &[&str], kubeconfig: &Path) -> serde_json::Value {
-    // The bench drives the cluster through a tiny API helper: curl with the
-    // kubeconfig's client certificate (the project's own test cluster).
-    let kc: serde_json::Value = serde_yaml_to_json(kubeconfig);
-    let user = &kc["users"][0]["user"];
-    let server = kc["clusters"][0]["cluster"]["server"].as_str().unwrap().to_string();
-    let mut c = Command::new("curl");
-    c.args(["-sf", "--cacert", kc["clusters"][0]["cluster"]["certificate-authority"].as_str().unwrap_or("")])
-        .args([
-            "--cert",
-            user["client-certificate"].as_str().unwrap_or(""),
-            "--key",
-            user["client-key"].as_str().unwrap_or(""),
-        ])
-        .args(["-H", "Content-Type: application/json"]);
-    let (method, path, body) = (args[0], args[1], args.get(2));
-    c.args(["-X", method, &format!("{server}{path}")]);
-    if let Some(b) = body {
-        c.args(["-d", b]);
-    }
-    let out = c.output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-fn serde_yaml_to_json(p: &Path) -> serde_json::Value {
-    serde_yaml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn bench_kube(edits: usize) {
@@ -832,8 +721,8 @@ fn main() {
             "kube" => bench_kube(edits.min(200)),
             "interleave" => bench_interleave(200),
             "dashboard" => bench_dashboard(edits.min(200), idle.min(15)),
-            // benches/intercept.rs runs these.
-            "intercept" | "intercept-kube" => {}
+            // benches/intercept.rs and benches/first_sync.rs run these.
+            "intercept" | "intercept-kube" | "first" => {}
             other => eprintln!("unknown bench part {other}"),
         }
     }
@@ -921,8 +810,13 @@ fn bench_interleave(probes: usize) {
             async move {
                 let block = vec![0x5au8; 1 << 20];
                 for b in 1..=BULK_BATCHES {
-                    let header =
-                        StreamHeader::Batch { id: b as u64, deletes: vec![], commands: vec![], restart: false };
+                    let header = StreamHeader::Batch {
+                        id: b as u64,
+                        deletes: vec![],
+                        commands: vec![],
+                        restart: false,
+                        encoding: None,
+                    };
                     let mut s = out.open(&header, STREAM_WINDOW).unwrap();
                     let mut h = tar::Header::new_gnu();
                     h.set_path("big.bin").unwrap();

@@ -17,8 +17,8 @@ use devloop_agent::handshake::{self, ConnectError};
 use devloop_agent::mux::{self, close_code, End, Heartbeat, Incoming, Mux, Role, Stream, StreamWriter};
 use devloop_agent::paths::WirePath;
 use devloop_agent::protocol::{
-    AppSpec, AppState, CommandSpec, Control, Entry, HeaderMatch, InterceptPort, OutputSource, PathError, StdStream,
-    StreamHeader, CHUNK_SIZE, STREAM_WINDOW, TCP_WINDOW,
+    AppSpec, AppState, CommandSpec, Control, Encoding, Entry, HeaderMatch, InterceptPort, OutputSource, PathError,
+    StdStream, StreamHeader, CHUNK_SIZE, STREAM_WINDOW, TCP_WINDOW,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,19 +110,37 @@ struct Inner {
     agent_version: String,
     pid: u32,
     root: String,
+    /// Whether batch streams travel in zstd blocks (see [`compression`]).
+    compress: bool,
+}
+
+/// Whether to compress batch streams: when the agent reads zstd blocks
+/// and the bytes cross a network; `DEVLOOP_COMPRESS=0` or `1` decides
+/// instead (for comparisons).
+fn compression(remote: bool, features: &[String]) -> bool {
+    let agent_reads = features.iter().any(|f| f == devloop_agent::codec::FEATURE_ZSTD);
+    let wanted = match std::env::var("DEVLOOP_COMPRESS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => remote,
+    };
+    agent_reads && wanted
 }
 
 impl AgentClient {
     /// Handshake, hello, and the dispatcher task.
-    pub async fn open(io: Box<dyn Io>, token: &str, rep: Reporter) -> Result<AgentClient, ClientError> {
+    /// `remote`: the bytes cross a network (batches are compressed then).
+    pub async fn open(io: Box<dyn Io>, token: &str, rep: Reporter, remote: bool) -> Result<AgentClient, ClientError> {
         let (io, rest, agent_version) = tokio::time::timeout(HELLO_TIMEOUT, handshake::connect(io, token))
             .await
             .map_err(|_| ClientError::Timeout(HELLO_TIMEOUT))??;
         let (mux, mut rx) = mux::spawn(io, rest, Role::Client, Heartbeat::from_env());
         let first =
             tokio::time::timeout(HELLO_TIMEOUT, rx.recv()).await.map_err(|_| ClientError::Timeout(HELLO_TIMEOUT))?;
-        let (pid, root) = match first {
-            Some(Incoming::Control(Control::Hello { pid, root, .. })) => (pid, root),
+        let (pid, root, compress) = match first {
+            Some(Incoming::Control(Control::Hello { pid, root, features, .. })) => {
+                (pid, root, compression(remote, &features))
+            }
             Some(Incoming::Ended(e)) => return Err(ClientError::Lost(e.to_string())),
             Some(Incoming::Control(Control::Error { message, .. })) => return Err(ClientError::Agent(message)),
             other => return Err(ClientError::Lost(format!("expected hello, got {other:?}"))),
@@ -131,7 +149,7 @@ impl AgentClient {
         let (ended_tx, ended) = watch::channel(None);
         let acks: AckTable = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(dispatch(rx, req_rx, acks.clone(), mux.clone(), rep, ended_tx));
-        let inner = Inner { mux, req, acks, next_id: AtomicU64::new(1), ended, agent_version, pid, root };
+        let inner = Inner { mux, req, acks, next_id: AtomicU64::new(1), ended, agent_version, pid, root, compress };
         Ok(AgentClient { inner: Arc::new(inner) })
     }
 
@@ -145,6 +163,12 @@ impl AgentClient {
 
     pub fn root(&self) -> &str {
         &self.inner.root
+    }
+
+    /// Whether [`AgentClient::stream_batch`]'s archive is to be written
+    /// through a [`devloop_agent::codec::CompressWriter`].
+    pub fn compresses(&self) -> bool {
+        self.inner.compress
     }
 
     fn id(&self) -> u64 {
@@ -186,16 +210,18 @@ impl AgentClient {
     }
 
     /// A batch whose archive is written to the returned stream (and
-    /// finished with `shutdown`), then acknowledged.
+    /// finished with `shutdown`), then acknowledged. `encoding`: what the
+    /// writer writes (zstd only when [`AgentClient::compresses`]).
     pub fn stream_batch(
         &self,
         deletes: Vec<WirePath>,
         commands: Vec<CommandSpec>,
         restart: bool,
+        encoding: Option<Encoding>,
     ) -> Result<(StreamWriter, PendingAck), ClientError> {
         let id = self.id();
         let applied = self.expect_ack(id)?;
-        let header = StreamHeader::Batch { id, deletes, commands, restart };
+        let header = StreamHeader::Batch { id, deletes, commands, restart, encoding };
         let stream = self.inner.mux.open(&header, STREAM_WINDOW).map_err(|_| self.lost())?;
         Ok((stream.into_split().1, applied))
     }
@@ -216,7 +242,7 @@ impl AgentClient {
             self.inner.mux.batch_with_archive(&batch, archive).map_err(|_| self.lost())?;
             return Ok(applied);
         }
-        let (mut w, applied) = self.stream_batch(deletes, commands, restart)?;
+        let (mut w, applied) = self.stream_batch(deletes, commands, restart, None)?;
         let sent = async {
             w.write_all(archive).await?;
             w.shutdown().await

@@ -178,6 +178,12 @@ impl Endpoint {
         }
     }
 
+    /// Whether the agent's bytes cross a network (a pod, or an exec
+    /// command such as ssh), where compressing them pays.
+    pub fn crosses_network(&self) -> bool {
+        !matches!(self, Endpoint::Local { .. })
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Endpoint::Local { root } => Target::Local { root: root.clone() }.describe(),

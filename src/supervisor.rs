@@ -117,7 +117,7 @@ pub async fn supervise(
         if !started.via.is_empty() {
             via = started.via;
         }
-        let client = match AgentClient::open(started.io, &token, rep.clone()).await {
+        let client = match AgentClient::open(started.io, &token, rep.clone(), endpoint.crosses_network()).await {
             Ok(c) => c,
             Err(e) => {
                 rep.send(Kind::Error { message: crate::error::chain(&e), hint: e.hint() });

@@ -27,9 +27,10 @@ use crate::config::{PathMatcher, Service};
 use crate::events::{Kind, Reporter};
 use crate::filter::Filter;
 use crate::watch::Watch;
+use devloop_agent::codec::CompressWriter;
 use devloop_agent::index::{self, ScanFailed};
 use devloop_agent::paths::WirePath;
-use devloop_agent::protocol::{CommandSpec, Entry, EntryKind};
+use devloop_agent::protocol::{CommandSpec, Encoding, Entry, EntryKind};
 use plan::{Outgoing, Plan};
 use scan::Unknown;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -358,11 +359,19 @@ impl Engine {
             self.rep.send(started);
             (sent, applied)
         } else {
-            let (stream, applied) = link.stream_batch(deletes.clone(), commands, restart)?;
+            let encoding = link.compresses().then_some(Encoding::Zstd);
+            let (stream, applied) = link.stream_batch(deletes.clone(), commands, restart, encoding)?;
             let rt = tokio::runtime::Handle::current();
             let build = tokio::task::spawn_blocking(move || {
-                let mut w = stream.blocking(rt);
-                let built = archive::build_archive(&mut w, writes);
+                let w = stream.blocking(rt);
+                if encoding.is_none() {
+                    let mut w = w;
+                    let built = archive::build_archive(&mut w, writes);
+                    return w.finish().map(|_| built);
+                }
+                let mut packed = CompressWriter::new(w)?;
+                let built = archive::build_archive(&mut packed, writes);
+                let (w, _, _) = packed.finish()?;
                 w.finish().map(|_| built)
             });
             match build.await {

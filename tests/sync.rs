@@ -301,6 +301,58 @@ fn the_exec_target_runs_the_agent_through_a_user_command() {
     assert_eq!(std::fs::read_to_string(p.out().join("hello.txt")).unwrap(), "through exec");
 }
 
+/// Over an exec command (a network, as far as devloop can tell), a large
+/// sync travels in zstd blocks: the bytes that cross the command's stdin
+/// are a fraction of the tree, and the tree lands byte for byte. With
+/// compression turned off, the same count is the whole tree: the counter
+/// counts, and compression is what shrinks it.
+#[test]
+fn the_exec_target_carries_a_large_sync_compressed() {
+    let agent = std::path::PathBuf::from(env!("CARGO_BIN_EXE_devloop")).with_file_name("devloop-agent");
+    let tree: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| {
+            let text = format!("pub fn item_{i}(x: u64) -> u64 {{ x * {i} + 1 }} // source text\n").repeat(300);
+            (format!("m{}/f{i}.rs", i % 7), text.into_bytes())
+        })
+        .collect();
+    let total: usize = tree.iter().map(|(_, c)| c.len()).sum();
+    for (compress, max, min) in [("1", total / 4, 0), ("0", usize::MAX, total)] {
+        let p = Project::with_yaml("");
+        let count = p.dir.path().join("stdin-bytes");
+        let yaml = format!(
+            "services:\n  svc:\n    target:\n      exec:\n        command: [bash, -c, 'tee >(wc -c > \"$1\") | exec \"$0\" serve --stdio --token-stdin --root out', {}, {}]\n        token: stdin\n    sync:\n      - from: src\n",
+            agent.display(),
+            count.display()
+        );
+        std::fs::write(p.dir.path().join("devloop.yaml"), yaml).unwrap();
+        for (rel, content) in &tree {
+            p.write(rel, content);
+        }
+        let out = output_within(
+            {
+                let mut c = p.cmd(&["sync", "--once"]);
+                c.env("DEVLOOP_COMPRESS", compress);
+                c
+            },
+            T,
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for (rel, content) in &tree {
+            assert_eq!(&std::fs::read(p.out().join(rel)).unwrap(), content, "{rel} (compress={compress})");
+        }
+        // wc writes once the agent's stdin has closed.
+        let t0 = Instant::now();
+        let sent = loop {
+            if let Some(n) = std::fs::read_to_string(&count).ok().and_then(|s| s.trim().parse::<usize>().ok()) {
+                break n;
+            }
+            assert!(t0.elapsed() < T, "the byte count never came");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(sent <= max && sent >= min, "compress={compress}: {sent} bytes crossed for a {total}-byte tree");
+    }
+}
+
 #[test]
 fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
     use std::io::Write;

@@ -13,9 +13,10 @@
 //! renamed into place, so a reader sees the old content or the new, never
 //! half of either.
 
+use devloop_agent::codec::DecompressReader;
 use devloop_agent::mux::BlockingReader;
 use devloop_agent::paths::{self, WirePath};
-use devloop_agent::protocol::{PathError, TEMP_PREFIX};
+use devloop_agent::protocol::{Encoding, PathError, TEMP_PREFIX};
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -29,7 +30,7 @@ use tokio::sync::oneshot;
 /// A batch's archive: still arriving (streamed from the connection), or
 /// complete in memory (small batches).
 pub enum Archive {
-    Stream(BlockingReader),
+    Stream { reader: BlockingReader, encoding: Option<Encoding> },
     Buffered(Vec<u8>),
 }
 
@@ -105,8 +106,17 @@ pub fn apply(root: &Path, deletes: Vec<WirePath>, archive: Option<Archive>) -> O
         }
     }
     match archive {
-        Some(Archive::Stream(mut reader)) => {
-            apply_archive(root, &mut reader, &mut out);
+        Some(Archive::Stream { mut reader, encoding }) => {
+            match encoding {
+                None => apply_archive(root, &mut reader, &mut out),
+                Some(Encoding::Zstd) => match DecompressReader::new(&mut reader) {
+                    Ok(mut unpacked) => apply_archive(root, &mut unpacked, &mut out),
+                    Err(e) => out.errors.push(PathError {
+                        path: WirePath::default(),
+                        message: format!("cannot start decompressing: {e}"),
+                    }),
+                },
+            }
             // Whatever happened, consume the rest so the sender finishes.
             reader.drain();
         }

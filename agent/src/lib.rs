@@ -11,11 +11,15 @@
 //! - [`mux`] (feature `transport`): one connection carrying control
 //!   messages and many streams both ways, with per-stream windows,
 //!   half-close and reset, and urgent traffic ahead of bulk data.
+//! - [`codec`] (feature `transport`): the zstd blocks a batch stream's
+//!   archive travels in when both sides can.
 //! - [`fault`]: fault injection for tests (debug builds only).
 //!
 //! The agent's runtime (`server`, `apply`, `run`) lives in the binary, behind
 //! the default `agent` feature, which the CLI turns off.
 
+#[cfg(feature = "transport")]
+pub mod codec;
 pub mod fault;
 #[cfg(feature = "transport")]
 pub mod handshake;

@@ -289,13 +289,31 @@ pub enum StreamHeader {
     /// A batch whose tar archive is the stream's data (CLI → agent):
     /// `deletes` first, then the archive, then `commands`, then the app's
     /// restart when `restart` is set.
-    Batch { id: u64, deletes: Vec<WirePath>, commands: Vec<CommandSpec>, restart: bool },
+    ///
+    /// `encoding`: how the archive travels; none: as it is. The CLI asks
+    /// for an encoding only when the agent's hello lists it.
+    Batch {
+        id: u64,
+        deletes: Vec<WirePath>,
+        commands: Vec<CommandSpec>,
+        restart: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encoding: Option<Encoding>,
+    },
     /// Connect to `host:port` from the agent's side and carry that
     /// connection (CLI → agent).
     Dial { host: String, port: u16 },
     /// A connection the agent accepted on an intercepted `port`, from
     /// `peer` (agent → CLI).
     Inbound { port: u16, peer: String },
+}
+
+/// How a batch stream's archive is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// In zstd blocks (see `codec`).
+    Zstd,
 }
 
 /// One intercepted port, as the agent serves it.
@@ -347,7 +365,16 @@ impl StreamHeader {
 pub enum Control {
     // ---- agent -> CLI ----
     /// First message of every session.
-    Hello { agent_version: String, protocol: u32, root: String, pid: u32 },
+    /// `features`: what this agent can do beyond the protocol version's
+    /// baseline (`zstd`: batch streams in zstd blocks).
+    Hello {
+        agent_version: String,
+        protocol: u32,
+        root: String,
+        pid: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
+    },
     /// Part of the answer to [`Control::IndexRequest`]; `done` on the last.
     IndexPart { id: u64, entries: Vec<Entry>, done: bool },
     /// A batch has landed: every file in it is either fully written or
@@ -525,7 +552,13 @@ mod tests {
     #[test]
     fn control_round_trips() {
         let msgs = vec![
-            Control::Hello { agent_version: "1.2.3".into(), protocol: 1, root: "/app".into(), pid: 7 },
+            Control::Hello {
+                agent_version: "1.2.3".into(),
+                protocol: 1,
+                root: "/app".into(),
+                pid: 7,
+                features: vec!["zstd".into()],
+            },
             Control::Batch {
                 id: 3,
                 deletes: vec!["a/b".into()],

@@ -201,6 +201,7 @@ where
         protocol: PROTOCOL_VERSION,
         root: shared.root.display().to_string(),
         pid: std::process::id(),
+        features: vec![devloop_agent::codec::FEATURE_ZSTD.into()],
     });
     let mut app_events = shared.app.subscribe();
     let post_sync = start_post_sync(shared.clone(), out.clone());
@@ -244,11 +245,15 @@ where
             Incoming::Batch { control: Control::Batch { id, deletes, commands, restart }, archive } => {
                 Some((id, deletes, commands, restart, Some(apply::Archive::Buffered(archive))))
             }
-            Incoming::Open(Accepted { header: StreamHeader::Batch { id, deletes, commands, restart }, stream }) => {
+            Incoming::Open(Accepted {
+                header: StreamHeader::Batch { id, deletes, commands, restart, encoding },
+                stream,
+            }) => {
                 // The agent sends nothing back on it: only the reading half
                 // stays (the apply thread takes it).
                 let (r, _) = stream.into_split();
-                Some((id, deletes, commands, restart, Some(apply::Archive::Stream(r.blocking()))))
+                let archive = apply::Archive::Stream { reader: r.blocking(), encoding };
+                Some((id, deletes, commands, restart, Some(archive)))
             }
             Incoming::Open(Accepted { header: StreamHeader::Dial { host, port }, stream }) => {
                 tunnels.spawn(dial(host, port, stream));
@@ -400,7 +405,7 @@ struct Queued {
 /// Returns false if the apply thread is gone.
 fn dispatch(queued: &mut VecDeque<Queued>, shared: &Shared) -> bool {
     while let Some(q) = queued.pop_front() {
-        let small = !matches!(q.archive, Some(apply::Archive::Stream(_)));
+        let small = !matches!(q.archive, Some(apply::Archive::Stream { .. }));
         if small && shared.apply.idle() {
             let out = apply::apply(&shared.root, q.deletes, q.archive);
             let _ = q.done.send(out);

@@ -6,7 +6,7 @@
 use devloop_agent::handshake::{self, ConnectError};
 use devloop_agent::mux::{Incoming, Mux};
 use devloop_agent::paths::WirePath;
-use devloop_agent::protocol::{Control, Frame, StreamHeader};
+use devloop_agent::protocol::{Control, Encoding, Frame, StreamHeader};
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,16 +60,36 @@ async fn send_batch(
     deletes: Vec<WirePath>,
     archive: Option<Vec<u8>>,
 ) -> Control {
+    send_stream(out, rx, id, deletes, archive, None).await
+}
+
+/// [`send_batch`], with the stream's bytes (`archive`, as given: already
+/// encoded) announced as `encoding`.
+async fn send_stream(
+    out: &Mux,
+    rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
+    id: u64,
+    deletes: Vec<WirePath>,
+    archive: Option<Vec<u8>>,
+    encoding: Option<Encoding>,
+) -> Control {
     match archive {
         None => out.control(Control::Batch { id, deletes, commands: vec![], restart: false }).unwrap(),
         Some(a) => {
-            let header = StreamHeader::Batch { id, deletes, commands: vec![], restart: false };
+            let header = StreamHeader::Batch { id, deletes, commands: vec![], restart: false, encoding };
             let mut s = out.open(&header, devloop_agent::protocol::STREAM_WINDOW).unwrap();
             s.write_all(&a).await.unwrap();
             s.shutdown().await.unwrap();
         }
     }
     next_control(rx).await
+}
+
+/// An archive in zstd blocks, as the CLI sends it over a network.
+fn zstd_blocks(archive: &[u8]) -> Vec<u8> {
+    let mut w = devloop_agent::codec::CompressWriter::new(Vec::new()).unwrap();
+    std::io::Write::write_all(&mut w, archive).unwrap();
+    w.finish().unwrap().0
 }
 
 fn assert_outside_untouched(a: &Agent) {
@@ -156,6 +176,42 @@ async fn hostile_paths_and_entries_never_escape_the_root() {
     let reply = send_batch(&out, &mut rx, 3, vec!["evil".into()], None).await;
     assert!(matches!(reply, Control::Applied { deleted: 1, .. }), "{reply:?}");
     assert!(std::fs::symlink_metadata(a.root.join("evil")).is_err(), "the link is gone");
+    assert_outside_untouched(&a);
+    out.close(1000, "");
+}
+
+/// The same hostile archive in zstd blocks: decompressed, it meets the same
+/// checks. Then blocks that are not what they claim (garbage, a block that
+/// would expand past its limit, a stream cut mid-block) fail their batch
+/// with a message, and the session goes on to apply the next one.
+#[tokio::test]
+async fn compressed_streams_meet_the_same_rules_and_bad_blocks_fail_only_their_batch() {
+    let (a, out, mut rx) = agent_with_a_link_out().await;
+    let (ar, hostile) = hostile_archive();
+    let packed = zstd_blocks(&ar);
+    assert!(packed.len() < ar.len(), "the archive travelled compressed ({} -> {})", ar.len(), packed.len());
+    let reply = send_stream(&out, &mut rx, 2, hostile_deletes(), Some(packed), Some(Encoding::Zstd)).await;
+    assert_only_good_landed(&a, reply, hostile);
+
+    let bomb = {
+        let frame = zstd::bulk::compress(&vec![0u8; 4 << 20], 1).unwrap();
+        let mut w = ((1u32 << 31) | frame.len() as u32).to_be_bytes().to_vec();
+        w.extend_from_slice(&frame);
+        w
+    };
+    let mut good = Vec::new();
+    raw_entry(&mut good, b"after.txt", tar::EntryType::Regular, b"still here", None);
+    good.extend_from_slice(&[0; 1024]);
+    let cut = zstd_blocks(&good)[..20].to_vec();
+    let garbage: Vec<u8> = [((1u32 << 31) | 5000).to_be_bytes().to_vec(), vec![0x5a; 5000]].concat();
+    for (id, bad) in [(3, garbage), (4, bomb), (5, cut)] {
+        let reply = send_stream(&out, &mut rx, id, vec![], Some(bad), Some(Encoding::Zstd)).await;
+        let Control::Applied { written: 0, errors, .. } = &reply else { panic!("batch {id}: {reply:?}") };
+        assert!(!errors.is_empty() && errors.iter().all(|e| !e.message.is_empty()), "batch {id}: {errors:?}");
+    }
+    let reply = send_stream(&out, &mut rx, 6, vec![], Some(zstd_blocks(&good)), Some(Encoding::Zstd)).await;
+    assert!(matches!(reply, Control::Applied { id: 6, written: 1, .. }), "{reply:?}");
+    assert_eq!(std::fs::read_to_string(a.root.join("after.txt")).unwrap(), "still here");
     assert_outside_untouched(&a);
     out.close(1000, "");
 }
@@ -298,7 +354,7 @@ async fn garbage_oversized_and_truncated_frames_close_only_that_session() {
     expect(1009, "larger than the limit")(close_of(&mut tcp).await);
 
     let mut tcp = raw_conn(&a).await;
-    let hello = Control::Hello { agent_version: "x".into(), protocol: 1, root: "/".into(), pid: 1 };
+    let hello = Control::Hello { agent_version: "x".into(), protocol: 1, root: "/".into(), pid: 1, features: vec![] };
     tcp.write_all(&Frame::Control(hello.clone()).encode()).await.unwrap();
     expect(1002, "unexpected message")(close_of(&mut tcp).await);
 
@@ -430,7 +486,7 @@ async fn a_client_that_floods_past_its_window_is_cut_off_with_memory_bounded() {
     });
     let window = devloop_agent::protocol::STREAM_WINDOW;
     let open = |id: u32, batch: u64| {
-        let h = StreamHeader::Batch { id: batch, deletes: vec![], commands: vec![], restart: false };
+        let h = StreamHeader::Batch { id: batch, deletes: vec![], commands: vec![], restart: false, encoding: None };
         Frame::Open { stream: id, window, header: h.encode() }.encode()
     };
     let chunk = vec![0xa5u8; devloop_agent::protocol::CHUNK_SIZE];
