@@ -94,7 +94,12 @@ impl Cluster {
     }
 
     fn out(&self, kubeconfig: &Path, args: &[&str]) -> String {
-        let o = self.kubectl(kubeconfig).args(args).stderr(Stdio::inherit()).output().expect("kubectl runs");
+        let o = self.kubectl(kubeconfig).args(args).output().expect("kubectl runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        // A forced delete warns that it does not wait: it is meant not to.
+        if !o.status.success() || !(err.is_empty() || err.contains("Immediate deletion")) {
+            eprint!("kubectl {}: {err}", args.join(" "));
+        }
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 

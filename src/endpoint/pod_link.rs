@@ -164,6 +164,9 @@ impl Forwarded {
     }
 }
 
+/// How much of the exec stream's stdin and stdout kube buffers.
+const EXEC_PIPE: usize = 1 << 20;
+
 /// The agent, started by an exec with its token handed over on stdin.
 struct Launched {
     process: kube::api::AttachedProcess,
@@ -182,7 +185,17 @@ async fn launch(
     rep: &Reporter,
 ) -> Result<Launched, KubeError> {
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
-    let ap = AttachParams::default().container(container).stdin(true).stdout(true).stderr(true);
+    // kube's default pipes hold 1 KiB, and each read of one becomes a
+    // WebSocket message, a TLS record and a write: a 256 MiB batch was
+    // 262,144 of them. With deeper pipes a message carries the 4 KiB that
+    // kube reads at once.
+    let ap = AttachParams::default()
+        .container(container)
+        .stdin(true)
+        .stdout(true)
+        .stderr(true)
+        .max_stdin_buf_size(EXEC_PIPE)
+        .max_stdout_buf_size(EXEC_PIPE);
     let mut process = pods
         .exec(&ep.pod, cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &ap)
         .await
