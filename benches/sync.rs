@@ -792,7 +792,8 @@ fn bench_interleave(probes: usize) {
         let mut probe = |out: mux::Mux| {
             next_id += 1;
             let id = next_id;
-            out.control(Control::IndexRequest { id, under: vec!["no/such/dir".into()], prune: vec![] }).unwrap();
+            out.control(Control::IndexRequest { id, under: vec!["no/such/dir".into()], prune: vec![], packed: false })
+                .unwrap();
             id
         };
         let mut idle = Vec::new();

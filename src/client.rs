@@ -182,7 +182,8 @@ impl AgentClient {
         // Registered before the request is sent (the dispatcher takes
         // registrations before incoming messages), so before its answer.
         self.inner.req.send(Req::Index(id, reply)).map_err(|_| self.lost())?;
-        self.inner.mux.control(Control::IndexRequest { id, under, prune }).map_err(|_| self.lost())?;
+        let packed = self.inner.compress;
+        self.inner.mux.control(Control::IndexRequest { id, under, prune, packed }).map_err(|_| self.lost())?;
         rx.await.map_err(|_| self.lost())?
     }
 

@@ -239,6 +239,12 @@ impl Mux {
         self.shared.urgent.send(Out::Frame(encode_control(&c))).map_err(|_| Closed)
     }
 
+    /// Queues a control message as a PACKED (compressed) frame; only for
+    /// a peer that asked for them.
+    pub fn control_packed(&self, c: Control) -> Result<(), Closed> {
+        self.shared.urgent.send(Out::Frame(protocol::encode_control_packed(&c))).map_err(|_| Closed)
+    }
+
     /// Sends a batch and its whole archive as one frame (the archive at
     /// most [`CHUNK_SIZE`], so it delays nothing queued behind it more than
     /// a data chunk would).

@@ -17,6 +17,9 @@
 //! 0x07 WINDOW   stream (u32) | bytes (u32)                  the receiver took this much more
 //! 0x08 PING                                                 (any frame proves the peer alive)
 //! 0x09 CLOSE    code (u16) | reason (UTF-8)                 the session ends, and why
+//! 0x0A PACKED   zstd(JSON(Control))                         a control message, compressed
+//!                                                           (only to a peer that asked: an
+//!                                                           index request with `packed`)
 //! ```
 //!
 //! Streams: the side that opens one picks its id, odd for the CLI and even
@@ -35,7 +38,10 @@
 //! field is a safe change; removing or renaming one, changing a meaning,
 //! or a new frame tag, needs a new [`PROTOCOL_VERSION`]. A stream header
 //! of a kind the receiver does not know is refused (RESET), and the
-//! session goes on.
+//! session goes on. What only some agents do is negotiated instead: the
+//! agent's hello lists its `features` (`zstd`: it reads compressed batch
+//! streams and sends PACKED frames when asked), and the CLI uses a
+//! feature only with an agent that lists it.
 
 use crate::paths::WirePath;
 use serde::{Deserialize, Serialize};
@@ -84,6 +90,8 @@ const TAG_RESET: u8 = 6;
 const TAG_WINDOW: u8 = 7;
 const TAG_PING: u8 = 8;
 const TAG_CLOSE: u8 = 9;
+#[cfg(feature = "transport")]
+const TAG_PACKED: u8 = 10;
 
 /// One decoded frame (its length prefix already taken off).
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +146,8 @@ pub enum FrameError {
     BadControl(String),
     #[error("data frame with no data")]
     EmptyData,
+    #[error("compressed control message does not unpack within {MAX_MESSAGE} bytes: {0}")]
+    BadPacked(String),
 }
 
 /// The 4-byte length prefix plus the tag, before a payload.
@@ -242,6 +252,12 @@ impl Frame {
                 need(8, "window")?;
                 Ok(Frame::Window { stream: be32(rest), bytes: be32(&rest[4..]) })
             }
+            #[cfg(feature = "transport")]
+            TAG_PACKED => {
+                let json =
+                    zstd::bulk::decompress(rest, MAX_MESSAGE).map_err(|e| FrameError::BadPacked(e.to_string()))?;
+                serde_json::from_slice(&json).map(Frame::Control).map_err(|e| FrameError::BadControl(e.to_string()))
+            }
             TAG_PING => Ok(Frame::Ping),
             TAG_CLOSE => {
                 need(2, "close")?;
@@ -259,6 +275,19 @@ pub fn encode_control(c: &Control) -> Vec<u8> {
     // keys, no custom Serialize impls that fail.
     serde_json::to_writer(&mut out, c).expect("control serializes");
     finish(out)
+}
+
+/// Encodes a control message as a PACKED frame: large answers (an index
+/// part is about 256 KiB of JSON) shrink 5-8x for a slow link.
+#[cfg(feature = "transport")]
+pub fn encode_control_packed(c: &Control) -> Vec<u8> {
+    // Serializing cannot fail (see `encode_control`); compressing into a
+    // Vec only fails on allocation.
+    let json = serde_json::to_vec(c).expect("control serializes");
+    let packed = zstd::bulk::compress(&json, 1).expect("zstd compresses into memory");
+    let mut out = start(TAG_PACKED, packed.len());
+    out.extend_from_slice(&packed);
+    out
 }
 
 /// Encodes a data chunk without building a [`Frame`] first.
@@ -401,7 +430,15 @@ pub enum Control {
     // ---- CLI -> agent ----
     /// Index the trees under these root-relative directories ("" = root),
     /// not descending into `prune`.
-    IndexRequest { id: u64, under: Vec<WirePath>, prune: Vec<WirePath> },
+    /// `packed`: answer in PACKED frames (the CLI asks when the agent's
+    /// hello lists `zstd` and the link is a network).
+    IndexRequest {
+        id: u64,
+        under: Vec<WirePath>,
+        prune: Vec<WirePath>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        packed: bool,
+    },
     /// Apply a batch: `deletes` first (in order), then the tar archive that
     /// comes with it in a BATCH frame (if it does), then run `commands`,
     /// then restart the app when `restart` is set. (A batch with a larger
@@ -639,6 +676,35 @@ mod tests {
         assert_eq!(Frame::decode(&[3, 0, 0]), Err(FrameError::ShortBatch));
         assert_eq!(Frame::decode(&[3, 0, 0, 0, 9, b'{', b'}']), Err(FrameError::ShortBatch));
         assert!(matches!(Frame::decode(&[3, 0, 0, 0, 2, b'{', b'x', 1, 2]), Err(FrameError::BadControl(_))));
+    }
+
+    /// A packed index part is a fraction of its JSON and decodes to the
+    /// same message; one that would unpack past the frame limit, or is not
+    /// zstd, is refused with a reason.
+    #[cfg(feature = "transport")]
+    #[test]
+    fn packed_control_round_trips_and_bombs_are_refused() {
+        let entries: Vec<Entry> = (0..2000)
+            .map(|i| Entry {
+                path: format!("src/pkg{:03}/mod{:02}/f{i}.rs", i % 300, i % 20).into(),
+                kind: EntryKind::File,
+                size: 1000 + i,
+                mode: 0o644,
+                hash: 0x9e3779b97f4a7c15u64.wrapping_mul(i + 1),
+                link: None,
+            })
+            .collect();
+        let part = Control::IndexPart { id: 3, entries, done: true };
+        let (plain, packed) = (encode_control(&part), encode_control_packed(&part));
+        assert!(packed.len() * 3 < plain.len(), "{} -> {}", plain.len(), packed.len());
+        assert_eq!(Frame::decode(&packed[4..]), Ok(Frame::Control(part)));
+
+        let huge = zstd::bulk::compress(&vec![b' '; MAX_MESSAGE + 1], 1).unwrap();
+        let bad = |payload: &[u8]| Frame::decode(&[&[TAG_PACKED], payload].concat());
+        assert!(matches!(bad(&huge), Err(FrameError::BadPacked(_))));
+        assert!(matches!(bad(b"not zstd"), Err(FrameError::BadPacked(_))));
+        let not_json = zstd::bulk::compress(b"{nope", 1).unwrap();
+        assert!(matches!(bad(&not_json), Err(FrameError::BadControl(_))));
     }
 
     #[test]

@@ -266,8 +266,8 @@ where
             Incoming::Control(Control::Batch { id, deletes, commands, restart }) => {
                 Some((id, deletes, commands, restart, None))
             }
-            Incoming::Control(Control::IndexRequest { id, under, prune }) => {
-                tokio::spawn(send_index(shared.root.clone(), id, under, prune, out.clone()));
+            Incoming::Control(Control::IndexRequest { id, under, prune, packed }) => {
+                tokio::spawn(send_index(shared.root.clone(), id, under, prune, packed, out.clone()));
                 None
             }
             Incoming::Control(Control::AppConfigure { app }) => {
@@ -449,7 +449,8 @@ fn kind_of(c: &Control) -> String {
 
 /// Walks and hashes the requested trees and sends the index in parts small
 /// enough to interleave with other traffic.
-async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<WirePath>, out: Outbound) {
+async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<WirePath>, packed: bool, out: Outbound) {
+    let send = |c: Control| if packed { out.control_packed(c) } else { out.control(c) };
     let refuse = |message: String| {
         let _ = out.control(Control::Error { code: ErrorCode::Request, message, fatal: false, request: Some(id) });
         let _ = out.control(Control::IndexPart { id, entries: vec![], done: true });
@@ -494,11 +495,11 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<Wir
         size += e.path.len() + 80;
         part.push(e);
         if size > 256 << 10 {
-            let _ = out.control(Control::IndexPart { id, entries: std::mem::take(&mut part), done: false });
+            let _ = send(Control::IndexPart { id, entries: std::mem::take(&mut part), done: false });
             size = 0;
         }
     }
-    let _ = out.control(Control::IndexPart { id, entries: part, done: true });
+    let _ = send(Control::IndexPart { id, entries: part, done: true });
 }
 
 struct PostSync {

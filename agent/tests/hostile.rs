@@ -422,7 +422,8 @@ async fn a_silent_peer_is_dropped_within_the_heartbeat_timeout() {
 async fn an_index_request_outside_the_root_is_refused_and_answered() {
     let a = start_agent(None);
     let (out, mut rx) = session(&a).await;
-    out.control(Control::IndexRequest { id: 7, under: vec!["../outside".into()], prune: vec![] }).unwrap();
+    out.control(Control::IndexRequest { id: 7, under: vec!["../outside".into()], prune: vec![], packed: false })
+        .unwrap();
     match next_control(&mut rx).await {
         Control::Error { request: Some(7), fatal: false, message, .. } => {
             assert!(message.contains("../outside"), "{message}")
@@ -436,12 +437,22 @@ async fn an_index_request_outside_the_root_is_refused_and_answered() {
     }
     // The session goes on: a valid index of the root works.
     std::fs::write(a.root.join("f"), "x").unwrap();
-    out.control(Control::IndexRequest { id: 8, under: vec![WirePath::default()], prune: vec![] }).unwrap();
+    out.control(Control::IndexRequest { id: 8, under: vec![WirePath::default()], prune: vec![], packed: false })
+        .unwrap();
     match next_control(&mut rx).await {
         Control::IndexPart { id: 8, entries, done: true } => {
             assert_eq!(entries.iter().map(|e| e.path.to_str().unwrap()).collect::<Vec<_>>(), vec!["f"])
         }
         other => panic!("expected the index, got {other:?}"),
+    }
+    // Asked for compressed frames, it answers the same.
+    out.control(Control::IndexRequest { id: 9, under: vec![WirePath::default()], prune: vec![], packed: true })
+        .unwrap();
+    match next_control(&mut rx).await {
+        Control::IndexPart { id: 9, entries, done: true } => {
+            assert_eq!(entries.iter().map(|e| e.path.to_str().unwrap()).collect::<Vec<_>>(), vec!["f"])
+        }
+        other => panic!("expected the packed index, got {other:?}"),
     }
     out.close(1000, "");
 }
@@ -575,7 +586,13 @@ async fn a_stream_of_an_unknown_kind_is_refused_and_the_session_lives_on() {
     let open = Frame::Open { stream: 1, window: 1024, header: br#"{"kind":"teleport","to":"mars"}"#.to_vec() };
     tcp.write_all(&open.encode()).await.unwrap();
     tcp.write_all(
-        &Frame::Control(Control::IndexRequest { id: 9, under: vec![WirePath::default()], prune: vec![] }).encode(),
+        &Frame::Control(Control::IndexRequest {
+            id: 9,
+            under: vec![WirePath::default()],
+            prune: vec![],
+            packed: false,
+        })
+        .encode(),
     )
     .await
     .unwrap();
