@@ -20,6 +20,7 @@
 mod archive;
 mod live;
 mod plan;
+mod prefetch;
 mod scan;
 
 use crate::client::{AgentClient, Applied, ClientError};

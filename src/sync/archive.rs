@@ -3,6 +3,7 @@
 //! records exactly what was sent.
 
 use super::plan::Outgoing;
+use super::prefetch::Prefetch;
 use devloop_agent::index;
 use devloop_agent::protocol::{Entry, EntryKind};
 use std::io::Write;
@@ -15,7 +16,13 @@ pub(super) fn build_archive<W: Write>(out: W, writes: Vec<Outgoing>) -> (Vec<Ent
     let mut sent = Vec::with_capacity(writes.len());
     let mut read_errors = Vec::new();
     let mtime = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // Files read only now (an edit's content is already in memory).
+    let to_read = writes.iter().filter(|w| w.kind == EntryKind::File && w.content.is_none());
+    let prefetch = Prefetch::start(to_read.map(|w| (w.abs.clone(), w.size)).collect());
     for w in writes {
+        if let (Some(p), EntryKind::File, None) = (&prefetch, w.kind, &w.content) {
+            p.passed(w.size);
+        }
         let mut h = tar::Header::new_gnu();
         h.set_mode(w.mode);
         h.set_mtime(mtime);
