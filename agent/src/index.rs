@@ -174,30 +174,23 @@ pub fn walk(
 
 /// xxh3-64 of a file's content, read in large blocks.
 pub fn hash_file(path: &Path) -> io::Result<(u64, u64)> {
-    // One buffer per thread, not one per file: a fresh 256 KiB buffer is
-    // zeroed (and, above malloc's mmap threshold, mapped and faulted in)
-    // for every file, which cost more than hashing a tree of small files.
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     let mut f = std::fs::File::open(path)?;
-    BUF.with(|b| {
-        let mut buf = b.borrow_mut();
-        if buf.is_empty() {
-            buf.resize(256 << 10, 0);
+    // A buffer the size of the file, up to 256 KiB: a 256 KiB buffer for
+    // every file (zeroed, and above malloc's mmap threshold mapped and
+    // faulted in) cost more than hashing a tree of small files.
+    let size = f.metadata().map_or(0, |m| m.len());
+    let mut buf = vec![0u8; (size as usize).clamp(4096, 256 << 10)];
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let mut len = 0u64;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            len += n as u64;
-            h.update(&buf[..n]);
-        }
-        Ok((h.digest(), len))
-    })
+        len += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((h.digest(), len))
 }
 
 /// xxh3-64 of bytes already in memory.

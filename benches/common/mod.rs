@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The devloop binary under test: this build's, or `DEVLOOP_BENCH_BIN`'s
+/// (another build, for an A/B in one sitting; its devloop-agent beside it).
 pub fn devloop_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_devloop"))
+    match std::env::var_os("DEVLOOP_BENCH_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_devloop")),
+    }
 }
 
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
