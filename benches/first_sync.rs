@@ -72,12 +72,12 @@ fn children_cpu() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
+/// CPU seconds of a process so far (None once it is gone).
 fn proc_cpu(pid: &str) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let pid: u32 = pid.parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(())?;
     // SAFETY: sysconf has no preconditions.
-    Some(ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+    Some(proc_cpu_ticks(pid) as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
 /// Empties the page cache (as root), so every run reads the tree from disk.

@@ -409,15 +409,6 @@ fn bench_burst() {
     println!("writing 1000 files took {written:.1} ms; all visible after {visible:.1} ms; {batches} batches\n");
 }
 
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 (1-based) of the whole line.
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-}
-
 /// A field of /proc/PID/status, in KiB (`VmRSS`, `VmHWM`: the most the
 /// process ever held).
 fn status_kib(pid: u32, field: &str) -> u64 {

@@ -202,15 +202,11 @@ mod tests {
         (0..n).map(|i| format!("fn line_{}() {{ return {}; }}\n", i % 977, i % 13)).collect::<String>().into_bytes()
     }
 
+    /// Bytes that do not compress: the index's own hash of a counter.
     fn noise(n: usize) -> Vec<u8> {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
+        (0..n.div_ceil(8) as u64)
+            .flat_map(|i| crate::index::hash_bytes(&i.to_le_bytes()).to_le_bytes())
+            .take(n)
             .collect()
     }
 

@@ -174,3 +174,13 @@ pub fn kubectl_like(args: &[&str], kubeconfig: &Path) -> serde_json::Value {
 pub fn serde_yaml_to_json(p: &Path) -> serde_json::Value {
     serde_yaml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
+
+/// CPU time (user + system) of a process so far, in clock ticks.
+pub fn proc_cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based) of the whole line.
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
