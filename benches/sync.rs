@@ -17,10 +17,12 @@
 //!
 //! 7. with a cluster (KUBECONFIG): injection into a fresh pod (time, TLS
 //!    connections and bytes through a counting proxy) against a run that
-//!    reuses the agent, and edit-to-applied latency in the pod.
+//!    reuses the agent, and edit-to-applied latency in the pod;
+//! 8. (replicas) with a cluster: the CLI's memory watching the 100k-file
+//!    tree of part 5 for a Deployment of one replica, and of three.
 //!
 //! Options (env): BENCH_EDITS (default 300), BENCH_IDLE_SECS (default 30),
-//! BENCH_ONLY (comma list of: latency,initial,burst,idle,interleave,dashboard,kube).
+//! BENCH_ONLY (comma list of: latency,initial,burst,idle,interleave,dashboard,kube,replicas).
 
 mod common;
 use common::*;
@@ -438,10 +440,8 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn bench_idle(secs: u64) {
-    println!("## 5. watcher cost on a 100k-file tree");
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
+/// The idle parts' tree: 100k one-byte files in 5000 directories.
+fn idle_tree(src: &Path) {
     for i in 0..100_000 {
         let dir = src.join(format!("a{:02}/b{:03}", i % 50, (i / 50) % 100));
         if i < 5000 {
@@ -449,6 +449,12 @@ fn bench_idle(secs: u64) {
         }
         std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
     }
+}
+
+fn bench_idle(secs: u64) {
+    println!("## 5. watcher cost on a 100k-file tree");
+    let d = tempfile::tempdir().unwrap();
+    idle_tree(&d.path().join("src"));
     write_config(d.path(), "src", "out");
     let t0 = Instant::now();
     let w = Watch::start(d.path());
@@ -505,30 +511,8 @@ fn bench_kube(edits: usize) {
         return;
     };
     let upstream: std::net::SocketAddr = format!("127.0.0.1:{hostport}").parse().unwrap();
-    let ns = format!("devloop-bench-{}", std::process::id());
-    let image = std::env::var("DEVLOOP_E2E_IMAGE").unwrap_or_else(|_| "busybox:1.36".into());
-    kubectl_like(&["POST", "/api/v1/namespaces", &format!("{{\"metadata\":{{\"name\":\"{ns}\"}}}}")], &kubeconfig);
-    std::thread::sleep(Duration::from_secs(2));
-    let dep = serde_json::json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
-        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"terminationGracePeriodSeconds": 1,
-        "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["sh", "-c", "(nc -ll -p 9000 -e cat &); exec sleep 3600"]}]}}}});
-    kubectl_like(&["POST", &format!("/apis/apps/v1/namespaces/{ns}/deployments"), &dep.to_string()], &kubeconfig);
-    let t0 = Instant::now();
-    loop {
-        let pods = kubectl_like(&["GET", &format!("/api/v1/namespaces/{ns}/pods")], &kubeconfig);
-        let ready = pods["items"].as_array().is_some_and(|a| {
-            a.iter().any(|p| {
-                p["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-            })
-        });
-        if ready {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "bench pod never became ready");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let ns = bench_namespace(&kubeconfig, "");
+    wait_ready_pods(&kubeconfig, &ns, 1);
     // devloop reaches the API server through the counting proxy.
     let traffic = std::sync::Arc::new(Traffic::default());
     let paddr = proxy(upstream, traffic.clone());
@@ -621,6 +605,91 @@ fn bench_kube(edits: usize) {
     kubectl_like(&["DELETE", &format!("/api/v1/namespaces/{ns}")], &kubeconfig);
 }
 
+/// A namespace for the bench with Deployment `web` (one replica of a
+/// shell image with an echo server on port 9000).
+fn bench_namespace(kubeconfig: &Path, suffix: &str) -> String {
+    let ns = format!("devloop-bench-{}{suffix}", std::process::id());
+    let image = std::env::var("DEVLOOP_E2E_IMAGE").unwrap_or_else(|_| "busybox:1.36".into());
+    kubectl_like(&["POST", "/api/v1/namespaces", &format!("{{\"metadata\":{{\"name\":\"{ns}\"}}}}")], kubeconfig);
+    std::thread::sleep(Duration::from_secs(2));
+    let dep = serde_json::json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["sh", "-c", "(nc -ll -p 9000 -e cat &); exec sleep 3600"]}]}}}});
+    kubectl_like(&["POST", &format!("/apis/apps/v1/namespaces/{ns}/deployments"), &dep.to_string()], kubeconfig);
+    ns
+}
+
+/// Waits (up to 3 minutes) until `n` of the namespace's pods are ready.
+fn wait_ready_pods(kubeconfig: &Path, ns: &str, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let pods = kubectl_like(&["GET", &format!("/api/v1/namespaces/{ns}/pods")], kubeconfig);
+        let ready = pods["items"].as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|p| {
+                    p["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                })
+                .count()
+        });
+        if ready >= n {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "{n} bench pods never became ready in {ns}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The CLI's memory when it watches the 100k-file tree for one replica and
+/// for three: each pod has a session, and pods that hold the same tree
+/// share one model of it.
+fn bench_replicas(secs: u64) {
+    println!("## 8. the CLI's memory with one replica and with three (Kubernetes, 100k files)");
+    let Some(kubeconfig) = std::env::var_os("KUBECONFIG").map(PathBuf::from) else {
+        println!("SKIP: no cluster (KUBECONFIG unset; scripts/test-cluster up starts one)\n");
+        return;
+    };
+    let ns = bench_namespace(&kubeconfig, "-replicas");
+    wait_ready_pods(&kubeconfig, &ns, 1);
+    let d = tempfile::tempdir().unwrap();
+    idle_tree(&d.path().join("src"));
+    std::fs::write(
+        d.path().join("devloop.yaml"),
+        format!("services:\n  web:\n    target:\n      kubernetes: {{namespace: {ns}, deployment: web, root: /tmp/app}}\n    sync:\n      - from: src\n"),
+    )
+    .unwrap();
+    let env = [("KUBECONFIG", kubeconfig.clone().into_os_string())];
+    let mut rss = Vec::new();
+    for replicas in [1, 3] {
+        if replicas > 1 {
+            let scale = format!("{{\"spec\":{{\"replicas\":{replicas}}}}}");
+            kubectl_like(&["PATCH", &format!("/apis/apps/v1/namespaces/{ns}/deployments/web"), &scale], &kubeconfig);
+            wait_ready_pods(&kubeconfig, &ns, replicas);
+        }
+        let t0 = Instant::now();
+        let w = Watch::start_env(d.path(), &env);
+        for _ in 0..replicas {
+            w.wait("in_sync", Duration::from_secs(600));
+        }
+        let synced = t0.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_secs(secs));
+        let pid = w.child.id();
+        let (r, peak) = (rss_kib(pid), peak_kib(pid));
+        println!(
+            "{replicas} replica(s): every pod in sync after {synced:.1} s; after {secs} s: devloop RSS {:.1} MiB, peak {:.1} MiB",
+            mib(r),
+            mib(peak)
+        );
+        rss.push(r);
+    }
+    println!(
+        "RSS with three replicas / with one: {:.2}x (target at most 1.2x)\n",
+        rss[1] as f64 / rss[0].max(1) as f64
+    );
+    kubectl_like(&["DELETE", &format!("/api/v1/namespaces/{ns}")], &kubeconfig);
+}
+
 /// p50 and p99 of a 1 KiB echo round trip through one port-forward to the
 /// bench pod's echo server (port 9000).
 fn echo_floor(ns: &str, n: usize) -> (f64, f64) {
@@ -673,7 +742,7 @@ fn main() {
     }
     // `cargo bench` passes --bench; ignore it.
     let only =
-        std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,interleave,dashboard,kube".into());
+        std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,interleave,dashboard,kube,replicas".into());
     let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -710,6 +779,7 @@ fn main() {
             "burst" => bench_burst(),
             "idle" => bench_idle(idle),
             "kube" => bench_kube(edits.min(200)),
+            "replicas" => bench_replicas(idle.min(15)),
             "interleave" => bench_interleave(200),
             "dashboard" => bench_dashboard(edits.min(200), idle.min(15)),
             // benches/intercept.rs and benches/first_sync.rs run these.

@@ -11,7 +11,7 @@ use crate::endpoint::{forwarder, steer, workload, Endpoint};
 use crate::events::{Kind, Reporter};
 use crate::hub::{Action, Answer};
 use crate::session::{run_session, Mode, Outcome, SessionSpec};
-use crate::sync::Restart;
+use crate::sync::{Restart, Shelf};
 use crate::tasks::Tasks;
 use crate::watch::Watch;
 use std::collections::HashMap;
@@ -79,7 +79,7 @@ pub async fn run(
                 Some((plan, guard)) => (Some(plan), Some(guard)),
                 None => (None, None),
             };
-            let spec = SessionSpec { svc, mode, restart, watch, sync: work.sync, intercept };
+            let spec = SessionSpec { svc, mode, restart, watch, sync: work.sync, intercept, shelf: Shelf::default() };
             let outcome = run_session(spec, ep, rep, cancel, actions).await;
             if let Some(g) = guard {
                 g.release();
@@ -405,6 +405,8 @@ async fn follow_pods(
     // Every pod's session and log stream, each under its pod's token.
     let mut tasks: Tasks<Outcome> = Tasks::new(cancel.child_token(), rep.clone());
     let mut pods: HashMap<String, Pod> = HashMap::new();
+    // The pods' sessions share the model of the tree they hold alike.
+    let shelf = Shelf::default();
     let mut waiting_said = false;
     let mut worst = Outcome::InSync;
     let mut poll = tokio::time::interval(POD_POLL);
@@ -455,6 +457,7 @@ async fn follow_pods(
                         watch: watcher.as_ref().map(Watch::subscribe),
                         sync: work.sync,
                         intercept: intercept.clone(),
+                        shelf: shelf.clone(),
                     };
                     tasks.spawn(
                         format!("the session of pod {pod}"),

@@ -12,7 +12,7 @@ use crate::endpoint::Endpoint;
 use crate::events::Reporter;
 use crate::hub::{Action, Answer};
 use crate::supervisor::{self, Conn};
-use crate::sync::{Engine, LiveEnd, Restart, SyncError};
+use crate::sync::{Engine, LiveEnd, Restart, Shelf, SyncError};
 use crate::tasks::Tasks;
 use crate::watch::{Change, Watch};
 use std::time::Duration;
@@ -84,6 +84,8 @@ pub struct SessionSpec {
     pub sync: bool,
     /// What this session's agent intercepts, if anything.
     pub intercept: Option<crate::intercept::Plan>,
+    /// Where the service's sessions share the model of a tree they all hold.
+    pub shelf: Shelf,
 }
 
 /// Runs one endpoint's session until it is cancelled (or, for a one-shot
@@ -221,13 +223,13 @@ async fn sync_session(
     cancel: CancellationToken,
     mut actions: mpsc::Receiver<Action>,
 ) -> Outcome {
-    let SessionSpec { svc, mode, restart, watch, .. } = spec;
+    let SessionSpec { svc, mode, restart, watch, shelf, .. } = spec;
     let app = svc.app.as_ref().and_then(|a| a.spec.clone());
     let (watcher, mut changes) = match watch {
         Some((w, rx)) => (Some(w), Some(rx)),
         None => (None, None),
     };
-    let mut engine = Engine::new(svc, rep.clone(), watcher, restart);
+    let mut engine = Engine::new(svc, rep.clone(), watcher, restart, shelf);
     // A resync asked for, to answer once it is done.
     let mut resync: Option<tokio::sync::oneshot::Sender<Answer>> = None;
     loop {

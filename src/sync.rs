@@ -19,6 +19,7 @@
 
 mod archive;
 mod live;
+mod model;
 mod plan;
 mod prefetch;
 mod scan;
@@ -31,7 +32,9 @@ use crate::watch::Watch;
 use devloop_agent::codec::CompressWriter;
 use devloop_agent::index::{self, ScanFailed};
 use devloop_agent::paths::WirePath;
-use devloop_agent::protocol::{CommandSpec, Encoding, Entry, EntryKind};
+use devloop_agent::protocol::{CommandSpec, Encoding, EntryKind};
+pub use model::Shelf;
+use model::{Known, Model};
 use plan::{Outgoing, Plan};
 use scan::Unknown;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -91,7 +94,7 @@ pub enum SyncError {
 pub struct Engine {
     svc: Service,
     rules: Vec<Rule>,
-    model: BTreeMap<WirePath, Entry>,
+    model: Model,
     rep: Reporter,
     watch: Option<Watch>,
     warned: HashSet<String>,
@@ -114,7 +117,7 @@ pub struct BatchOutcome {
 impl Engine {
     /// `watch` is None for a one-shot sync; `restart` says how the
     /// endpoint restarts the app (None: there is no app to restart).
-    pub fn new(svc: Service, rep: Reporter, watch: Option<Watch>, restart: Option<Restart>) -> Engine {
+    pub fn new(svc: Service, rep: Reporter, watch: Option<Watch>, restart: Option<Restart>, shelf: Shelf) -> Engine {
         let rules = svc
             .rules
             .iter()
@@ -127,7 +130,7 @@ impl Engine {
         let mut e = Engine {
             svc,
             rules,
-            model: BTreeMap::new(),
+            model: Model::new(shelf),
             rep,
             watch,
             warned: HashSet::new(),
@@ -245,12 +248,14 @@ impl Engine {
             self.note_links(f);
         }
         let unknown = Unknown::from_skipped(&skipped);
-        let have: BTreeMap<WirePath, Entry> = target.into_iter().map(|e| (e.path.clone(), e)).collect();
-        let plan = self.diff(&src, &unknown, &have, &pruned);
+        // Until acknowledged otherwise, the target holds what it reported
+        // (what the source side ignores is left alone, and forgotten).
+        let have: Vec<(WirePath, Known)> =
+            target.into_iter().map(Known::from_entry).filter(|(p, k)| !self.ignored_wire(p, k.is_dir())).collect();
+        self.model.reset(have);
+        let plan = self.diff(&src, &unknown, &self.model, &pruned);
         let files = src.iter().filter(|(f, _)| f.kind == EntryKind::File).count() as u64;
         let dirs = src.iter().filter(|(f, _)| f.kind == EntryKind::Dir).count() as u64;
-        // Until acknowledged otherwise, the target holds what it reported.
-        self.model = have.into_iter().filter(|(p, e)| !self.ignored_wire(p, e.kind == EntryKind::Dir)).collect();
         // The plan holds what it needs: the scan (two paths and an entry
         // per file, about 350 bytes each) goes before the sending, not
         // after it, which is when the most is held. (Before the model is
@@ -267,6 +272,9 @@ impl Engine {
                 applied.await.map_err(|_| ClientError::Lost("connection closed".into()))??;
             }
         }
+        // Folded into one compact base, shared with the other pods that
+        // hold the same tree.
+        self.model.settle();
         self.rep.send(Kind::InSync { files, dirs, checked_ms: t0.elapsed().as_secs_f64() * 1e3 });
         Ok(errors + self.unread.len())
     }
@@ -411,10 +419,14 @@ impl Engine {
         let failed: HashSet<&WirePath> = errors.iter().map(|e| &e.path).collect();
         for e in sent {
             if !failed.contains(&e.path) {
-                self.model.insert(e.path.clone(), e);
+                self.model.insert(e);
             } else {
                 self.model.remove(&e.path);
             }
+        }
+        // A first sync settles once, at its end.
+        if !initial && self.model.unsettled() {
+            self.model.settle();
         }
         for e in &errors {
             self.rep.send(Kind::SyncError {

@@ -160,9 +160,10 @@ pub fn kubectl_like(args: &[&str], kubeconfig: &Path) -> serde_json::Value {
             user["client-certificate"].as_str().unwrap_or(""),
             "--key",
             user["client-key"].as_str().unwrap_or(""),
-        ])
-        .args(["-H", "Content-Type: application/json"]);
+        ]);
     let (method, path, body) = (args[0], args[1], args.get(2));
+    let kind = if method == "PATCH" { "merge-patch+json" } else { "json" };
+    c.args(["-H", &format!("Content-Type: application/{kind}")]);
     c.args(["-X", method, &format!("{server}{path}")]);
     if let Some(b) = body {
         c.args(["-d", b]);

@@ -13,7 +13,6 @@ use crate::hub::{Action, ActionKind};
 use crate::watch::Change;
 use devloop_agent::index::{self, ScanFailed};
 use devloop_agent::paths::WirePath;
-use devloop_agent::protocol::EntryKind;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -155,20 +154,12 @@ impl Engine {
         let unknown = Unknown::from_skipped(&skipped);
         // Paths that became ignored are left alone on the target and
         // forgotten here.
-        let ignored: Vec<WirePath> = self
-            .model
-            .iter()
-            .filter(|(p, e)| self.ignored_wire(p, e.kind == EntryKind::Dir))
-            .map(|(p, _)| p.clone())
-            .collect();
+        let ignored: Vec<WirePath> =
+            self.model.iter().filter(|(p, k)| self.ignored_wire(p, k.is_dir())).map(|(p, _)| p.clone()).collect();
         for p in ignored {
             self.model.remove(&p);
         }
-        // Taken out rather than cloned: diff only reads it.
-        let model = std::mem::take(&mut self.model);
-        let plan = self.diff(&src, &unknown, &model, &scan.pruned);
-        self.model = model;
-        Ok(plan)
+        Ok(self.diff(&src, &unknown, &self.model, &scan.pruned))
     }
 }
 

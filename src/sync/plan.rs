@@ -10,13 +10,14 @@
 //! read, a directory that could not be listed, or a scan that failed can
 //! therefore never become a deletion, whatever calls this module.
 
+use super::model::Model;
 use super::scan::{self, read_small, Scan, Unknown};
 use super::{Engine, READ_AHEAD_MAX};
 use crate::filter::Filter;
 use devloop_agent::index::{self, Found};
 use devloop_agent::paths::{self, WirePath};
 use devloop_agent::protocol::{Entry, EntryKind};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -77,31 +78,15 @@ impl Plan {
     }
 }
 
-/// Does the target's entry differ from the source's?
-pub(super) fn differs(t: &Entry, s: &Entry) -> bool {
-    t.kind != s.kind
-        || match s.kind {
-            EntryKind::File => t.size != s.size || t.hash != s.hash || t.mode != s.mode,
-            EntryKind::Symlink => t.link != s.link,
-            EntryKind::Dir => false,
-        }
-}
-
 impl Engine {
     /// What must change for the target (`have`) to match the source, as
     /// far as a scan knows it: `unknown` is what the scan could not read.
-    pub(super) fn diff(
-        &self,
-        src: &[(Found, Entry)],
-        unknown: &Unknown,
-        have: &BTreeMap<WirePath, Entry>,
-        pruned: &[WirePath],
-    ) -> Plan {
+    pub(super) fn diff(&self, src: &[(Found, Entry)], unknown: &Unknown, have: &Model, pruned: &[WirePath]) -> Plan {
         let mut plan = Plan::default();
         let mut present: HashMap<&WirePath, EntryKind> = HashMap::with_capacity(src.len());
         for (f, e) in src {
             present.insert(&e.path, e.kind);
-            if have.get(&e.path).is_none_or(|t| differs(t, e)) {
+            if have.get(&e.path).is_none_or(|t| t.differs(e)) {
                 plan.writes.push(Outgoing {
                     wire: e.path.clone(),
                     abs: f.abs.clone(),
@@ -114,8 +99,8 @@ impl Engine {
             }
         }
         let mut dirs = Vec::new();
-        for (p, t) in have {
-            let t_dir = t.kind == EntryKind::Dir;
+        for (p, t) in have.iter() {
+            let t_dir = t.is_dir();
             let gone = match present.get(p) {
                 // Same path, and a directory on both sides or on neither:
                 // the write above (if any) replaces it in place.
@@ -256,9 +241,9 @@ impl Engine {
                 // Model entries below that are no longer there.
                 let gone: Vec<(WirePath, Gone)> = self
                     .model
-                    .range(wire.children_start()..)
+                    .range_from(&wire.children_start())
                     .take_while(|(p, _)| p.is_within(&wire))
-                    .filter(|(p, e)| !self.ignored_wire(p, e.kind == EntryKind::Dir))
+                    .filter(|(p, k)| !self.ignored_wire(p, k.is_dir()))
                     .filter_map(|(p, _)| Some((p.clone(), Gone::not_found(p, &present, &unknown)?)))
                     .collect();
                 drop(present);
@@ -377,7 +362,7 @@ impl Engine {
         };
         self.unread.remove(&f.abs);
         let old = self.model.get(&f.path);
-        if old.is_some_and(|o| !differs(o, &entry)) {
+        if old.is_some_and(|o| !o.differs(&entry)) {
             return;
         }
         // A directory replaced by a file or link: remove it (and what the
@@ -442,7 +427,7 @@ impl Engine {
             self.model.get(wire).map(|e| (wire.clone(), e.kind)).into_iter().collect();
         below.extend(
             self.model
-                .range(wire.children_start()..)
+                .range_from(&wire.children_start())
                 .take_while(|(p, _)| p.is_within(wire))
                 .map(|(p, e)| (p.clone(), e.kind)),
         );
