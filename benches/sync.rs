@@ -52,6 +52,8 @@ fn write_config(dir: &Path, src: &str, out: &str) {
 struct Watch {
     child: Child,
     rx: mpsc::Receiver<serde_json::Value>,
+    /// Events of each kind that `wait` passed over.
+    passed: std::cell::RefCell<std::collections::HashMap<String, usize>>,
 }
 
 impl Watch {
@@ -80,7 +82,7 @@ impl Watch {
                 }
             }
         });
-        let w = Watch { child, rx };
+        let w = Watch { child, rx, passed: Default::default() };
         w.wait("watching", Duration::from_secs(300));
         w
     }
@@ -95,6 +97,17 @@ impl Watch {
             if v["type"] == kind {
                 return v;
             }
+            *self.passed.borrow_mut().entry(v["type"].as_str().unwrap_or("").to_string()).or_default() += 1;
+        }
+    }
+
+    /// Waits until `n` events of `kind` came, counting those `wait`
+    /// passed over.
+    fn wait_n(&self, kind: &str, n: usize, t: Duration) {
+        let deadline = Instant::now() + t;
+        let had = self.passed.borrow_mut().remove(kind).unwrap_or(0);
+        for _ in had..n {
+            self.wait(kind, deadline.saturating_duration_since(Instant::now()));
         }
     }
 
@@ -669,9 +682,7 @@ fn bench_replicas(secs: u64) {
         }
         let t0 = Instant::now();
         let w = Watch::start_env(d.path(), &env);
-        for _ in 0..replicas {
-            w.wait("in_sync", Duration::from_secs(600));
-        }
+        w.wait_n("in_sync", replicas, Duration::from_secs(600));
         let synced = t0.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(secs));
         let pid = w.child.id();
@@ -741,13 +752,13 @@ fn main() {
         relay_child(Path::new(&dst));
     }
     // `cargo bench` passes --bench; ignore it.
-    let only =
-        std::env::var("BENCH_ONLY").unwrap_or_else(|_| "latency,initial,burst,idle,interleave,dashboard,kube,replicas".into());
+    let only = std::env::var("BENCH_ONLY")
+        .unwrap_or_else(|_| "latency,initial,burst,idle,interleave,dashboard,kube,replicas".into());
     let edits = std::env::var("BENCH_EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let idle = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     println!("# devloop sync benchmarks ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
     let busy = local_cluster_processes();
-    if !busy.is_empty() && only.split(',').any(|p| p.trim() != "kube") {
+    if !busy.is_empty() && only.split(',').any(|p| !["kube", "replicas"].contains(&p.trim())) {
         println!(
             "WARNING: Kubernetes is running on this machine ({}): it takes CPU from the local parts and moves their figures; bench/run with BENCH_CLUSTER=own starts the project's cluster only for the kube part\n",
             busy.join(", ")

@@ -213,6 +213,7 @@ impl Engine {
     /// index, by content, and send only the differences. Returns the number
     /// of paths that failed or could not be read.
     pub async fn initial_sync(&mut self, link: &AgentClient) -> Result<usize, SyncError> {
+        let _turn = self.model.shelf().clone().first_sync_turn().await;
         let t0 = Instant::now();
         let scan = tokio::task::block_in_place(|| self.scan_source())?;
         let unders: Vec<WirePath> = self.rules.iter().map(|r| r.to.clone()).collect();

@@ -298,6 +298,20 @@ pub fn encode_data(stream: u32, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A data frame's head for `stream`, with room for `room` bytes of data:
+/// the data is read straight into it, then [`seal_data`] sets its length.
+pub fn data_frame_with_room(stream: u32, room: usize) -> Vec<u8> {
+    let mut out = start(TAG_DATA, 4 + room);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out
+}
+
+/// Sets the length of a frame from [`data_frame_with_room`] to the data
+/// it holds.
+pub fn seal_data(frame: Vec<u8>) -> Vec<u8> {
+    finish(frame)
+}
+
 /// Encodes a batch with its archive without building a [`Frame`] first.
 pub fn encode_batch(control: &Control, archive: &[u8]) -> Vec<u8> {
     let mut out = start(TAG_BATCH, 4 + 256 + archive.len());

@@ -154,13 +154,12 @@ pub fn kubectl_like(args: &[&str], kubeconfig: &Path) -> serde_json::Value {
     let user = &kc["users"][0]["user"];
     let server = kc["clusters"][0]["cluster"]["server"].as_str().unwrap().to_string();
     let mut c = Command::new("curl");
-    c.args(["-sf", "--cacert", kc["clusters"][0]["cluster"]["certificate-authority"].as_str().unwrap_or("")])
-        .args([
-            "--cert",
-            user["client-certificate"].as_str().unwrap_or(""),
-            "--key",
-            user["client-key"].as_str().unwrap_or(""),
-        ]);
+    c.args(["-sf", "--cacert", kc["clusters"][0]["cluster"]["certificate-authority"].as_str().unwrap_or("")]).args([
+        "--cert",
+        user["client-certificate"].as_str().unwrap_or(""),
+        "--key",
+        user["client-key"].as_str().unwrap_or(""),
+    ]);
     let (method, path, body) = (args[0], args[1], args.get(2));
     let kind = if method == "PATCH" { "merge-patch+json" } else { "json" };
     c.args(["-H", &format!("Content-Type: application/{kind}")]);

@@ -57,17 +57,36 @@ impl Known {
 
 type Map = BTreeMap<WirePath, Known>;
 
-/// A service's bases, for its pods' models to share. It holds them weakly:
-/// a base lives as long as a model uses it.
-#[derive(Clone, Default)]
-pub struct Shelf(Arc<Mutex<Vec<Weak<Map>>>>);
+/// What a service's sessions share: the bases of their models, held
+/// weakly (a base lives as long as a model uses it), and the turn to run a
+/// first sync.
+#[derive(Clone)]
+pub struct Shelf {
+    bases: Arc<Mutex<Vec<Weak<Map>>>>,
+    turn: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Shelf {
+    fn default() -> Shelf {
+        Shelf { bases: Arc::default(), turn: Arc::new(tokio::sync::Semaphore::new(1)) }
+    }
+}
 
 impl Shelf {
+    /// Waits for this session's turn to run a first sync. One at a time:
+    /// each scans and hashes the whole source and holds its plan, so
+    /// three replicas syncing at once held three times the memory (212 MiB
+    /// at the peak for 100k files) and shared one disk and one link, and
+    /// the first pod was in sync only when the last one was.
+    pub async fn first_sync_turn(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.turn.clone().acquire_owned().await.expect("the semaphore is never closed")
+    }
+
     /// An equal base already on the shelf, or `base` itself, now shelved.
     fn share(&self, base: Arc<Map>) -> Arc<Map> {
         // A poisoned lock only means another session panicked while it
         // looked: the list of weak pointers is still sound.
-        let mut bases = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bases = self.bases.lock().unwrap_or_else(|p| p.into_inner());
         bases.retain(|w| w.strong_count() > 0);
         for w in bases.iter() {
             if let Some(b) = w.upgrade() {
@@ -162,6 +181,10 @@ impl Model {
         self.base = self.shelf.share(self.base.clone());
     }
 
+    pub fn shelf(&self) -> &Shelf {
+        &self.shelf
+    }
+
     #[cfg(test)]
     fn shares_base_with(&self, other: &Model) -> bool {
         Arc::ptr_eq(&self.base, &other.base)
@@ -235,6 +258,19 @@ mod tests {
         let before = paths(&m);
         m.settle();
         assert_eq!(paths(&m), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_syncs_of_a_service_take_turns() {
+        let shelf = Shelf::default();
+        let first = shelf.first_sync_turn().await;
+        let other = shelf.clone();
+        let mut second = tokio::spawn(async move { other.first_sync_turn().await });
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(60), &mut second).await;
+        assert!(waited.is_err(), "the second first sync started while the first ran");
+        drop(first);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), second).await;
+        assert!(matches!(got, Ok(Ok(_))), "the second first sync got its turn once the first ended");
     }
 
     #[test]
