@@ -22,6 +22,7 @@
 //! that read or build tar archives.
 
 use crate::protocol::{self, encode_control, Control, Frame, StreamHeader, CHUNK_SIZE, MAX_MESSAGE, MAX_WINDOW};
+use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
 use std::io;
@@ -148,6 +149,8 @@ struct Slot {
     /// sent, minus what came.
     budget: Arc<AtomicI64>,
     credit: Arc<Credit>,
+    /// Data chunks sent to the reader and not yet taken by it.
+    queued: Arc<AtomicUsize>,
     fin_received: bool,
     /// Both our halves are gone (the slot goes once the peer's side ends
     /// too).
@@ -155,7 +158,7 @@ struct Slot {
 }
 
 enum Recv {
-    Data(Vec<u8>),
+    Data(Bytes),
     Fin,
     Reset(String),
 }
@@ -324,9 +327,7 @@ where
         in_tx,
         reg_rx,
         hb,
-        end: leftover.len(),
-        buf: leftover,
-        start: 0,
+        buf: BytesMut::from(&leftover[..]),
     };
     tokio::spawn(reader.run(rd));
     (mux, in_rx)
@@ -416,13 +417,16 @@ struct Reader {
     in_tx: mpsc::Sender<Incoming>,
     reg_rx: mpsc::UnboundedReceiver<Reg>,
     hb: Heartbeat,
-    /// Bytes read and not yet parsed are `buf[start..end]`; the rest of
-    /// `buf` is room to read into. It is zeroed once when it grows, never
-    /// per read: zeroing 256 KiB for every pipe read cost more than the copy.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Bytes read and not yet parsed; its spare capacity is room to read
+    /// into. A large data frame's payload is handed to its stream as a
+    /// slice of this buffer, not copied out of it.
+    buf: BytesMut,
 }
+
+/// Data payloads at least this large go to their stream as slices of the
+/// read buffer; smaller ones are copied, so that a few bytes left unread
+/// on an idle stream do not keep a whole read buffer alive.
+const SLICE_MIN: usize = 8 << 10;
 
 /// What handling a frame asks of the reader.
 enum Next {
@@ -470,7 +474,7 @@ impl Reader {
         loop {
             // Every complete frame in the buffer.
             loop {
-                let avail = &self.buf[self.start..self.end];
+                let avail = &self.buf[..];
                 if avail.len() < 4 {
                     break;
                 }
@@ -482,32 +486,32 @@ impl Reader {
                 if avail.len() < 4 + len {
                     break;
                 }
-                let frame = Frame::decode(&avail[4..4 + len]);
-                self.start += 4 + len;
+                let framed = self.buf.split_to(4 + len);
                 self.take_registrations();
-                let frame = match frame {
-                    Ok(f) => f,
-                    Err(e) => return self.fail(close_code::PROTOCOL, e.to_string()),
+                // Tag, stream id, payload.
+                let next = if framed[4] == protocol::TAG_DATA && len >= 5 + SLICE_MIN {
+                    let stream = u32::from_be_bytes([framed[5], framed[6], framed[7], framed[8]]);
+                    self.data(stream, framed.freeze().slice(9..), true)
+                } else {
+                    match Frame::decode(&framed[4..]) {
+                        Ok(f) => self.handle(f).await,
+                        Err(e) => return self.fail(close_code::PROTOCOL, e.to_string()),
+                    }
                 };
-                if let Next::End(e) = self.handle(frame).await {
+                if let Next::End(e) = next {
                     return e;
                 }
             }
-            // Keep what is left at the front, and room to read into.
-            if self.start == self.end {
-                (self.start, self.end) = (0, 0);
-                // A large batch grew the buffer: give it back once idle.
-                if self.buf.len() > 4 * READ_CHUNK {
-                    self.buf = Vec::new();
-                }
-            } else if self.buf.len() - self.end < READ_CHUNK && self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                (self.start, self.end) = (0, self.end - self.start);
+            // A large batch grew the buffer: give it back once idle.
+            if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
+                self.buf = BytesMut::new();
             }
-            if self.buf.len() - self.end < READ_CHUNK {
-                self.buf.resize(self.end + READ_CHUNK, 0);
+            // Room to read into. Where slices of the buffer are still out
+            // with their streams, this takes a new one (and moves the few
+            // bytes of a partial frame into it).
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK {
+                self.buf.reserve(READ_CHUNK);
             }
-            let have = self.end;
             let read = tokio::select! {
                 biased;
                 r = self.reg_rx.recv() => {
@@ -516,7 +520,7 @@ impl Reader {
                     }
                     continue;
                 }
-                r = rd.read(&mut self.buf[have..]) => r,
+                r = rd.read_buf(&mut self.buf) => r,
                 _ = tokio::time::sleep_until(deadline) => {
                     let end = End::Dead(self.hb.dead_after);
                     self.mux.close(close_code::SHUTDOWN, end.to_string());
@@ -525,8 +529,7 @@ impl Reader {
             };
             match read {
                 Ok(0) => return End::Eof,
-                Ok(n) => {
-                    self.end = have + n;
+                Ok(_) => {
                     deadline = tokio::time::Instant::now() + self.hb.dead_after;
                     let s = &self.mux.shared;
                     s.heard.store(s.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -603,7 +606,7 @@ impl Reader {
                 let m = "only a batch may come with an archive".to_string();
                 Next::End(self.fail(close_code::PROTOCOL, m))
             }
-            Frame::Data { stream, bytes } => self.data(stream, bytes),
+            Frame::Data { stream, bytes } => self.data(stream, Bytes::from(bytes), false),
             Frame::Open { stream, window, header } => self.open(stream, window, &header).await,
             Frame::Fin { stream } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
@@ -647,7 +650,8 @@ impl Reader {
         Next::Go
     }
 
-    fn data(&mut self, stream: u32, bytes: Vec<u8>) -> Next {
+    /// Data for a stream; `slice`: a slice of the read buffer.
+    fn data(&mut self, stream: u32, bytes: Bytes, slice: bool) -> Next {
         let Some(s) = self.streams.get_mut(&stream) else {
             if self.was_open(stream) {
                 // Reset or forgotten meanwhile: what was in flight is dropped.
@@ -666,6 +670,12 @@ impl Reader {
         if s.fin_received {
             return Next::End(self.fail(close_code::PROTOCOL, format!("stream {stream}: data after FIN")));
         }
+        // A slice keeps the whole read buffer it is in alive: it goes only
+        // to a reader that has taken everything before it (and takes this
+        // at once). A reader that falls behind gets copies, so its backlog
+        // holds its own bytes and no more.
+        let behind = s.queued.fetch_add(1, Ordering::AcqRel) > 0;
+        let bytes = if slice && behind { Bytes::copy_from_slice(&bytes) } else { bytes };
         if s.to_reader.send(Recv::Data(bytes)).is_err() {
             // The read half is gone: the data is dropped, and its room is
             // handed back, so the peer's writes go on.
@@ -725,7 +735,9 @@ pub struct Stream {
 pub struct StreamReader {
     id: u32,
     rx: mpsc::UnboundedReceiver<Recv>,
-    cur: Vec<u8>,
+    /// Shared with the stream's slot: data chunks not yet taken.
+    queued: Arc<AtomicUsize>,
+    cur: Bytes,
     pos: usize,
     /// Taken and not yet acknowledged with a WINDOW.
     unacked: u32,
@@ -758,18 +770,21 @@ impl Stream {
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(AtomicI64::new(window as i64));
         let credit = Arc::new(Credit::new(window));
+        let queued = Arc::new(AtomicUsize::new(0));
         let guard = Arc::new(SlotGuard { id, reg: mux.shared.reg.clone() });
         let slot = Slot {
             to_reader: tx,
             budget: budget.clone(),
             credit: credit.clone(),
+            queued: queued.clone(),
             fin_received: false,
             forgotten: false,
         };
         let r = StreamReader {
             id,
             rx,
-            cur: Vec::new(),
+            queued: queued.clone(),
+            cur: Bytes::new(),
             pos: 0,
             unacked: 0,
             window,
@@ -832,6 +847,7 @@ impl StreamReader {
     fn take(&mut self, item: Option<Recv>) {
         match item {
             Some(Recv::Data(v)) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
                 self.cur = v;
                 self.pos = 0;
             }
@@ -988,6 +1004,8 @@ impl StreamWriter {
     /// copied.
     pub async fn copy_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<u64> {
         let mut total = 0u64;
+        // A frame read into and not sent (its data was small): reused.
+        let mut spare: Option<Vec<u8>> = None;
         loop {
             if self.fin_sent {
                 return Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown or reset"));
@@ -996,16 +1014,27 @@ impl StreamWriter {
                 .await
                 .map_err(|why| io::Error::new(io::ErrorKind::ConnectionReset, why))?;
             let room = (avail as usize).min(CHUNK_SIZE);
-            let mut frame = protocol::data_frame_with_room(self.id, room);
+            let mut frame = match spare.take() {
+                Some(f) if f.capacity() - f.len() >= room => f,
+                _ => protocol::data_frame_with_room(self.id, room),
+            };
             let head = frame.len();
-            // The frame's capacity is exactly its head and `room`: the read
-            // fills that room and no more.
-            let n = r.read_buf(&mut frame).await?;
-            debug_assert_eq!(frame.len(), head + n);
+            // Read no more than the window allows, into the frame's room.
+            let n = (&mut *r).take(room as u64).read_buf(&mut frame).await?;
             if n == 0 {
                 return Ok(total);
             }
-            let mut frame = Some(protocol::seal_data(frame));
+            // A small read (a request, an answer) goes in a frame of its
+            // own size, and the large one is kept for the next read.
+            let frame = if n <= SMALL_FRAME {
+                let small = protocol::encode_data(self.id, &frame[head..]);
+                frame.truncate(head);
+                spare = Some(frame);
+                small
+            } else {
+                protocol::seal_data(frame)
+            };
+            let mut frame = Some(frame);
             std::future::poll_fn(|cx| self.poll_queue(cx, n <= SMALL_FRAME, || frame.take().expect("queued once")))
                 .await?;
             self.credit.take(n as u64);

@@ -82,7 +82,7 @@ pub fn parse_subprotocol(s: &str) -> Option<u32> {
 }
 
 const TAG_CONTROL: u8 = 1;
-const TAG_DATA: u8 = 2;
+pub(crate) const TAG_DATA: u8 = 2;
 const TAG_BATCH: u8 = 3;
 const TAG_OPEN: u8 = 4;
 const TAG_FIN: u8 = 5;

@@ -91,6 +91,7 @@ mod linux {
             }
         }
         let stop = sys::stop_signals().ok();
+        sys::ignore_sigpipe();
         match relay::serve(routes, &fds[..n], stop) {
             Ok(()) => sys::exit(0),
             Err(e) => {

@@ -88,6 +88,10 @@ const ACCEPT4: usize = 288;
 const SIGNALFD4: usize = 289;
 const EPOLL_CREATE1: usize = 291;
 const PRLIMIT64: usize = 302;
+const RT_SIGACTION: usize = 13;
+const FCNTL: usize = 72;
+const SPLICE: usize = 275;
+const PIPE2: usize = 293;
 
 const NONBLOCK: usize = 0o4000;
 const CLOEXEC: usize = 0o2000000;
@@ -284,6 +288,33 @@ pub fn stop_signals() -> Result<i32, Errno> {
     const SIG_BLOCK: usize = 0;
     sys(RT_SIGPROCMASK, [SIG_BLOCK, &mask as *const u64 as usize, 0, 8, 0, 0])?;
     sys(SIGNALFD4, [usize::MAX, &mask as *const u64 as usize, 8, NONBLOCK | CLOEXEC, 0, 0]).map(|fd| fd as i32)
+}
+
+/// A pipe, both ends non-blocking: its read end, then its write end,
+/// holding up to `bytes` (when the system allows it that much).
+pub fn pipe(bytes: usize) -> Result<[i32; 2], Errno> {
+    const F_SETPIPE_SZ: usize = 1031;
+    let mut fds = [-1i32; 2];
+    sys(PIPE2, [fds.as_mut_ptr() as usize, NONBLOCK | CLOEXEC, 0, 0, 0, 0])?;
+    let _ = sys(FCNTL, [fds[1] as usize, F_SETPIPE_SZ, bytes, 0, 0, 0]);
+    Ok(fds)
+}
+
+/// Moves up to `len` bytes from `from` to `to`, one of them a pipe, in the
+/// kernel: the bytes are not copied through this process.
+pub fn splice(from: i32, to: i32, len: usize) -> Result<usize, Errno> {
+    const MOVE: usize = 1;
+    const NONBLOCK: usize = 2;
+    sys(SPLICE, [from as usize, 0, to as usize, 0, len, MOVE | NONBLOCK])
+}
+
+/// SIGPIPE ignored: a write to a socket whose peer is gone fails with
+/// EPIPE instead of ending the process (`send` says so per call; splice
+/// cannot).
+pub fn ignore_sigpipe() {
+    // The kernel's `struct sigaction`: handler, flags, restorer, mask.
+    let act: [usize; 4] = [1, 0, 0, 0];
+    let _ = sys(RT_SIGACTION, [13, act.as_ptr() as usize, 0, 8, 0, 0]);
 }
 
 /// Raises the limit on open files to the hard limit: each connection
