@@ -21,7 +21,8 @@ use crate::http::{self, Body, Buffered, Head, HeadError};
 use devloop_agent::mux::{Mux, Stream};
 use devloop_agent::protocol::{HeaderMatch, InterceptPort, StreamHeader, CHUNK_SIZE, TCP_WINDOW};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,23 +35,38 @@ const APP_TIMEOUT: Duration = Duration::from_secs(5);
 /// which all end when this is dropped.
 pub struct Held {
     _tasks: JoinSet<()>,
-    /// The listeners' descriptors (their tasks own them).
-    fds: Vec<std::os::fd::RawFd>,
+    listeners: Arc<Listeners>,
     pub listening: Vec<String>,
     pub lease: Duration,
 }
 
-impl Drop for Held {
-    /// Stops the listeners now, not when their aborted tasks are next
-    /// polled: from here on the forwarder finds nobody on the claim port
-    /// and hands new callers to the app. (Until then, a caller the kernel
-    /// queued on a listener about to go away was reset.)
-    fn drop(&mut self) {
+/// The listeners' descriptors (their tasks own them), to stop them now,
+/// not when their aborted tasks are next polled: from then on the
+/// forwarder finds nobody on the claim port and hands new callers to the
+/// app. (Until then, a caller the kernel queued on a listener about to
+/// go away was reset.)
+struct Listeners {
+    fds: Vec<std::os::fd::RawFd>,
+    stopped: AtomicBool,
+}
+
+impl Listeners {
+    fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
         for fd in &self.fds {
             // SAFETY: the listener tasks own these descriptors and are
-            // aborted with `_tasks`, after this; shutdown does not close.
+            // aborted only after `Held::drop` stopped them (after which
+            // this does nothing); shutdown does not close.
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.listeners.stop();
     }
 }
 
@@ -93,7 +109,13 @@ pub async fn hold(
         fds.push(std::os::fd::AsRawFd::as_raw_fd(&l));
         tasks.spawn(accept_loop(l, port, mux.clone()));
     }
-    Ok(Held { _tasks: tasks, fds, listening, lease: Duration::from_millis(lease_ms.max(100)) })
+    let listeners = Arc::new(Listeners { fds, stopped: AtomicBool::new(false) });
+    // When devloop goes, the listeners stop before the connections in
+    // flight hear of it: a caller who reads their 502 and calls again
+    // reaches the app, not a listener about to close.
+    let l = listeners.clone();
+    mux.at_end(move || l.stop());
+    Ok(Held { _tasks: tasks, listeners, listening, lease: Duration::from_millis(lease_ms.max(100)) })
 }
 
 /// Callers arrive in bursts (a thousand at once, from the forwarder's

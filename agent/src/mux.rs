@@ -234,7 +234,12 @@ struct Shared {
     /// When the last frame came from the peer (ms since `epoch`).
     heard: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
+    /// Run once when the session ends, before its streams are reset; None
+    /// once it has ended.
+    at_end: Mutex<Option<Vec<EndHook>>>,
 }
+
+type EndHook = Box<dyn FnOnce() + Send>;
 
 impl Mux {
     /// Queues a control message ahead of any bulk data.
@@ -273,6 +278,20 @@ impl Mux {
     /// queued, then stops the writer.
     pub fn close(&self, code: u16, reason: impl Into<String>) {
         let _ = self.shared.urgent.send(Out::Close(code, reason.into()));
+    }
+
+    /// Runs `f` when the session ends, before its streams are reset (at
+    /// once if it has ended): what must be undone before the streams'
+    /// owners hear of the end.
+    pub fn at_end(&self, f: impl FnOnce() + Send + 'static) {
+        let mut hooks = self.shared.at_end.lock().unwrap_or_else(|e| e.into_inner());
+        match hooks.as_mut() {
+            Some(v) => v.push(Box::new(f)),
+            None => {
+                drop(hooks);
+                f();
+            }
+        }
     }
 
     /// True once the writer has stopped (the session is over).
@@ -316,6 +335,7 @@ where
             next_id: AtomicU32::new(first_id),
             heard: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            at_end: Mutex::new(Some(Vec::new())),
         }),
     };
     tokio::spawn(write_loop(wr, urgent_rx, bulk_rx, hb));
@@ -437,6 +457,10 @@ enum Next {
 impl Reader {
     async fn run<R: AsyncRead + Unpin>(mut self, mut rd: R) {
         let end = self.read_all(&mut rd).await;
+        let hooks = self.mux.shared.at_end.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for f in hooks.into_iter().flatten() {
+            f();
+        }
         let why = format!("the session ended ({end})");
         for (_, s) in self.streams.drain() {
             let _ = s.to_reader.send(Recv::Reset(why.clone()));
