@@ -88,12 +88,12 @@ impl Shelf {
         // looked: the list of weak pointers is still sound.
         let mut bases = self.bases.lock().unwrap_or_else(|p| p.into_inner());
         bases.retain(|w| w.strong_count() > 0);
-        for w in bases.iter() {
-            if let Some(b) = w.upgrade() {
-                if Arc::ptr_eq(&b, &base) || *b == *base {
-                    return b;
-                }
-            }
+        // Already shelved (a settle with nothing new): no comparison.
+        if bases.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&base))) {
+            return base;
+        }
+        if let Some(b) = bases.iter().filter_map(Weak::upgrade).find(|b| **b == *base) {
+            return b;
         }
         bases.push(Arc::downgrade(&base));
         base
