@@ -71,7 +71,15 @@ pub struct Applied {
     pub apply_us: u64,
 }
 
-type IndexReply = oneshot::Sender<Result<Vec<Entry>, ClientError>>;
+/// The agent's index of the target.
+#[derive(Debug, Default)]
+pub struct Index {
+    pub entries: Vec<Entry>,
+    /// Files whose hash came from the agent's cache, not read.
+    pub reused: u64,
+}
+
+type IndexReply = oneshot::Sender<Result<Index, ClientError>>;
 type InterceptReply = oneshot::Sender<Result<Vec<String>, ClientError>>;
 type EnvReply = oneshot::Sender<Result<Vec<(String, String)>, ClientError>>;
 
@@ -176,7 +184,7 @@ impl AgentClient {
     }
 
     /// Asks the agent for the index of these root-relative trees.
-    pub async fn index(&self, under: Vec<WirePath>, prune: Vec<WirePath>) -> Result<Vec<Entry>, ClientError> {
+    pub async fn index(&self, under: Vec<WirePath>, prune: Vec<WirePath>) -> Result<Index, ClientError> {
         let id = self.id();
         let (reply, rx) = oneshot::channel();
         // Registered before the request is sent (the dispatcher takes
@@ -336,7 +344,7 @@ async fn dispatch(
     rep: Reporter,
     ended: watch::Sender<Option<String>>,
 ) {
-    let mut indexes: HashMap<u64, (Vec<Entry>, IndexReply)> = HashMap::new();
+    let mut indexes: HashMap<u64, (Index, IndexReply)> = HashMap::new();
     let mut envs: HashMap<u64, EnvReply> = HashMap::new();
     let mut intercept_reply: Option<InterceptReply> = None;
     // Where connections the agent accepts for the intercept go.
@@ -347,7 +355,7 @@ async fn dispatch(
             // agent can answer it.
             biased;
             r = req.recv() => match r {
-                Some(Req::Index(id, reply)) => { indexes.insert(id, (Vec::new(), reply)); }
+                Some(Req::Index(id, reply)) => { indexes.insert(id, (Index::default(), reply)); }
                 Some(Req::Env(id, reply)) => { envs.insert(id, reply); }
                 Some(Req::Intercept(reply, to)) => {
                     intercept_reply = Some(reply);
@@ -375,9 +383,10 @@ async fn dispatch(
                     _ => a.stream.reset(&format!("devloop does not accept {:?} streams here", a.header)),
                 },
                 Some(Incoming::Control(c)) => match c {
-                    Control::IndexPart { id, entries, done } => {
+                    Control::IndexPart { id, entries, done, reused } => {
                         if let Some((acc, _)) = indexes.get_mut(&id) {
-                            acc.extend(entries);
+                            acc.entries.extend(entries);
+                            acc.reused += reused;
                         }
                         if done {
                             if let Some((acc, reply)) = indexes.remove(&id) {

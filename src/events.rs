@@ -127,6 +127,12 @@ pub enum Kind {
         files: u64,
         dirs: u64,
         checked_ms: f64,
+        /// Files whose hash came from the cache, not read: here, and in
+        /// the target.
+        #[serde(default)]
+        reused: u64,
+        #[serde(default)]
+        target_reused: u64,
     },
     CommandStarted {
         command: String,
@@ -353,7 +359,7 @@ pub fn plain(ev: &Event) -> String {
             human_bytes(*bytes)
         ),
         Kind::SyncError { path, message, .. } => format!("error: {path}: {message}"),
-        Kind::InSync { files, dirs, checked_ms } => {
+        Kind::InSync { files, dirs, checked_ms, .. } => {
             format!("in sync: {files} files, {dirs} directories (checked in {checked_ms:.0} ms)")
         }
         Kind::CommandStarted { command } => format!("running `{command}`"),

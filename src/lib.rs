@@ -44,3 +44,13 @@ pub mod sync;
 pub mod tasks;
 pub mod ui;
 pub mod watch;
+
+/// Where devloop keeps what it can always rebuild (hashes of the source
+/// between runs): `DEVLOOP_CACHE_DIR`, else `$XDG_CACHE_HOME/devloop`,
+/// else `~/.cache/devloop`. None when none of them is set.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    var("DEVLOOP_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("devloop")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/devloop")))
+}

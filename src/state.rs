@@ -403,7 +403,12 @@ mod tests {
         let s = st.session("web", Some("p1")).unwrap();
         assert_eq!(s.agent, AgentState::Syncing);
         assert_eq!(s.progress.as_ref().map(|p| (p.files_done, p.started_ms)), Some((5, 4)));
-        st.apply(&ev("web", Some("p1"), 6, Kind::InSync { files: 10, dirs: 1, checked_ms: 2.0 }));
+        st.apply(&ev(
+            "web",
+            Some("p1"),
+            6,
+            Kind::InSync { files: 10, dirs: 1, checked_ms: 2.0, reused: 0, target_reused: 0 },
+        ));
         let applied = Kind::SyncApplied {
             batch: 2,
             initial: false,

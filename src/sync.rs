@@ -30,7 +30,8 @@ use crate::events::{Kind, Reporter};
 use crate::filter::Filter;
 use crate::watch::Watch;
 use devloop_agent::codec::CompressWriter;
-use devloop_agent::index::{self, ScanFailed};
+use devloop_agent::hash_cache;
+use devloop_agent::index::{self, HashCache, ScanFailed};
 use devloop_agent::paths::WirePath;
 use devloop_agent::protocol::{CommandSpec, Encoding, EntryKind};
 pub use model::Shelf;
@@ -107,6 +108,9 @@ pub struct Engine {
     links: HashMap<(u64, u64), Vec<PathBuf>>,
     /// How the app is restarted, if there is one to restart.
     restart: Option<Restart>,
+    /// Where the hashes of the source's settled files are kept between
+    /// scans (None: nowhere to keep them).
+    hash_cache: Option<PathBuf>,
 }
 
 /// What one batch achieved.
@@ -127,6 +131,14 @@ impl Engine {
                 filter: Filter::new(&r.from, &r.exclude),
             })
             .collect::<Vec<_>>();
+        let hash_cache = crate::cache_dir().map(|d| {
+            let mut key = svc.name.as_bytes().to_vec();
+            for r in &rules {
+                key.push(0);
+                key.extend_from_slice(r.from.as_os_str().as_encoded_bytes());
+            }
+            hash_cache::path_for(&d.join("hashes"), "", &key)
+        });
         let mut e = Engine {
             svc,
             rules,
@@ -138,6 +150,7 @@ impl Engine {
             unread: BTreeMap::new(),
             links: HashMap::new(),
             restart,
+            hash_cache,
         };
         let warnings: Vec<String> = e.rules.iter_mut().flat_map(|r| std::mem::take(&mut r.filter.warnings)).collect();
         for w in warnings {
@@ -215,7 +228,8 @@ impl Engine {
     pub async fn initial_sync(&mut self, link: &AgentClient) -> Result<usize, SyncError> {
         let _turn = self.model.shelf().clone().first_sync_turn().await;
         let t0 = Instant::now();
-        let scan = tokio::task::block_in_place(|| self.scan_source())?;
+        let (cache, scan) = tokio::task::block_in_place(|| (self.hash_cache(), self.scan_source()));
+        let scan = scan?;
         let unders: Vec<WirePath> = self.rules.iter().map(|r| r.to.clone()).collect();
         let pruned = scan.pruned;
         // Hash the source while the agent indexes the target. Once the
@@ -231,15 +245,19 @@ impl Engine {
                 let skip = |f: &index::Found| {
                     known.get().is_some_and(|k| k.get(&f.path) != Some(&(EntryKind::File, f.size, f.mode)))
                 };
-                let r = index::hash_unless(found, &mut skipped, &skip);
+                let r = index::hash_cached(found, &mut skipped, &skip, &cache);
+                if let Ok((hashed, _)) = &r {
+                    cache.store(hashed);
+                }
                 (r, skipped)
             }
         });
-        let target = link.index(unders, pruned.clone()).await?;
+        let index = link.index(unders, pruned.clone()).await?;
+        let (target, target_reused) = (index.entries, index.reused);
         let _ = known.set(target.iter().map(|e| (e.path.clone(), (e.kind, e.size, e.mode))).collect());
         // A hashing task that panicked (or could not run) is a failed scan,
         // never an empty source: an empty source would delete the target.
-        let (src, skipped) = match hashing.await {
+        let ((src, stats), skipped) = match hashing.await {
             Ok((r, skipped)) => (r?, skipped),
             Err(e) => return Err(ScanFailed(format!("the hashing task failed: {e}")).into()),
         };
@@ -276,8 +294,19 @@ impl Engine {
         // Folded into one compact base, shared with the other pods that
         // hold the same tree.
         self.model.settle();
-        self.rep.send(Kind::InSync { files, dirs, checked_ms: t0.elapsed().as_secs_f64() * 1e3 });
+        self.rep.send(Kind::InSync {
+            files,
+            dirs,
+            checked_ms: t0.elapsed().as_secs_f64() * 1e3,
+            reused: stats.reused,
+            target_reused,
+        });
         Ok(errors + self.unread.len())
+    }
+
+    /// The source's hash cache, for a scan that begins now.
+    fn hash_cache(&self) -> HashCache {
+        self.hash_cache.clone().map_or_else(HashCache::none, HashCache::open)
     }
 
     /// Sends a plan as one or more batches; returns how many paths failed.

@@ -27,7 +27,7 @@ fn every_kind() -> Vec<Kind> {
         },
         Kind::SyncProgress { files_done: 1, files_total: 2, bytes_done: 1, bytes_total: 2 },
         Kind::SyncError { path: s(), path_not_utf8: true, message: s() },
-        Kind::InSync { files: 1, dirs: 1, checked_ms: 1.0 },
+        Kind::InSync { files: 1, dirs: 1, checked_ms: 1.0, reused: 1, target_reused: 1 },
         Kind::CommandStarted { command: s() },
         Kind::CommandOutput { command: s(), stream: s(), line: s() },
         Kind::CommandExited { command: s(), code: Some(0), ms: 1 },

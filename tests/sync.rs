@@ -394,6 +394,50 @@ fn a_file_being_written_in_place_is_synced_when_closed_not_half_way() {
     drop(log);
 }
 
+/// An unchanged re-sync reads no file on either side once the tree has
+/// settled: both take the hashes from their caches. A file changed behind
+/// devloop's back, on either side, with its size and mtime as they were,
+/// is still found (its ctime moved) and put right.
+#[test]
+fn an_unchanged_resync_reads_no_file_and_still_finds_a_hidden_change() {
+    let p = Project::new();
+    let n = 1200;
+    for i in 0..n {
+        p.write(&format!("d{}/f{i}.txt", i % 10), format!("file {i:05}").as_bytes());
+    }
+    let in_sync = || {
+        let out = output_within(p.cmd(&["--json", "sync", "--once"]), T);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let ev = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["type"] == "in_sync")
+            .unwrap_or_else(|| panic!("no in_sync event:\n{stdout}"));
+        (ev["files"].as_u64().unwrap(), ev["reused"].as_u64().unwrap(), ev["target_reused"].as_u64().unwrap())
+    };
+    assert_eq!(in_sync(), (n, 0, 0), "the first sync");
+    // Hashes are only kept for files left alone for 2 s (see hash_cache):
+    // wait until every file on both sides is that old.
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(in_sync(), (n, 0, 0), "the second sync reads both trees, and keeps their hashes");
+    assert_eq!(in_sync(), (n, n, n), "the third reads neither");
+
+    // Same size, mtime put back: only the ctime says it changed.
+    let sneak = |path: std::path::PathBuf, content: &str| {
+        let old = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, content).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), old);
+    };
+    sneak(p.src().join("d3/f3.txt"), "FILE 00003");
+    sneak(p.out().join("d4/f4.txt"), "pod! 00004");
+    assert_eq!(in_sync(), (n, n - 1, n - 1), "each side read the one file that changed");
+    assert_eq!(std::fs::read_to_string(p.out().join("d3/f3.txt")).unwrap(), "FILE 00003", "the source's change");
+    assert_eq!(std::fs::read_to_string(p.out().join("d4/f4.txt")).unwrap(), "file 00004", "the target put right");
+    assert!(p.cache().join("hashes").is_dir() && p.cache().join("target-hashes").is_dir());
+}
+
 #[test]
 fn a_missing_cluster_is_reported_with_exit_code_3_and_a_hint() {
     let p = Project::with_yaml(

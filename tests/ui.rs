@@ -87,7 +87,12 @@ fn connected(svc: &str, pod: Option<&str>, at: f64) -> Event {
 fn live(svc: &str, pod: Option<&str>, at: f64, target: &str) -> Vec<Event> {
     let mut v = started(svc, pod, at, target);
     v.push(connected(svc, pod, at + 0.1));
-    v.push(ev(svc, pod, at + 0.2, Kind::InSync { files: 120, dirs: 8, checked_ms: 4.0 }));
+    v.push(ev(
+        svc,
+        pod,
+        at + 0.2,
+        Kind::InSync { files: 120, dirs: 8, checked_ms: 4.0, reused: 100, target_reused: 100 },
+    ));
     v.push(ev(svc, pod, at + 0.2, Kind::Watching { dirs: 8, watcher: "inotify".into() }));
     v
 }

@@ -2,6 +2,7 @@
 //! sides build one for the first sync of a session, so that only what differs
 //! travels, whatever the timestamps say.
 
+pub use crate::hash_cache::{HashCache, HashStats};
 use crate::paths::{self, WirePath};
 use crate::protocol::{Entry, EntryKind, TEMP_PREFIX};
 use std::io::{self, Read};
@@ -25,6 +26,32 @@ pub struct Found {
     pub dev: u64,
     pub ino: u64,
     pub nlink: u64,
+    /// Last change of content and of the inode, in ns since the epoch:
+    /// with the inode and size, what the [`HashCache`] keys a hash on.
+    pub mtime: i64,
+    pub ctime: i64,
+}
+
+impl Found {
+    /// The entry for what `md` (from `symlink_metadata`) says is at `abs`:
+    /// sizes of files only, and a symlink's mode is always 0o777. A
+    /// symlink's `link` is the caller's to read.
+    pub fn of(path: WirePath, abs: PathBuf, kind: EntryKind, md: &std::fs::Metadata) -> Found {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Found {
+            path,
+            abs,
+            kind,
+            size: if kind == EntryKind::File { md.size() } else { 0 },
+            mode: if kind == EntryKind::Symlink { 0o777 } else { md.permissions().mode() & 0o777 },
+            link: None,
+            dev: md.dev(),
+            ino: md.ino(),
+            nlink: md.nlink(),
+            mtime: ns(md.mtime(), md.mtime_nsec()),
+            ctime: ns(md.ctime(), md.ctime_nsec()),
+        }
+    }
 }
 
 /// Something the walk could not read, and why (a directory it could not
@@ -131,29 +158,18 @@ pub fn walk(
             }
         };
         let ft = md.file_type();
-        let mode = md.permissions().mode() & 0o777;
-        let found = |kind, size, link| Found {
-            path: wire.clone(),
-            abs: abs.clone(),
-            kind,
-            size,
-            mode,
-            link,
-            dev: md.dev(),
-            ino: md.ino(),
-            nlink: md.nlink(),
-        };
+        let found = |kind| Found::of(wire.clone(), abs.clone(), kind, &md);
         if ft.is_dir() {
             if !visit.keep(&wire, true) {
                 continue;
             }
-            out.push(found(EntryKind::Dir, 0, None));
+            out.push(found(EntryKind::Dir));
             if visit.descend(&wire) {
                 walk(&abs, &wire, visit, opts, out, skipped);
             }
         } else if ft.is_file() {
             if visit.keep(&wire, false) {
-                out.push(found(EntryKind::File, md.size(), None));
+                out.push(found(EntryKind::File));
             }
         } else if ft.is_symlink() {
             if !visit.keep(&wire, false) {
@@ -162,7 +178,7 @@ pub fn walk(
             match std::fs::read_link(&abs) {
                 Ok(t) => {
                     let link = WirePath::new(t.into_os_string().into_vec());
-                    out.push(Found { mode: 0o777, ..found(EntryKind::Symlink, 0, Some(link)) })
+                    out.push(Found { link: Some(link), ..found(EntryKind::Symlink) })
                 }
                 Err(e) => skipped.push(Skipped { abs, wire: Some(wire), reason: e.to_string() }),
             }
@@ -209,28 +225,32 @@ pub struct ScanFailed(pub String);
 /// read are left out and reported in `skipped`, with their wire path: they
 /// are unknown, never absent.
 pub fn hash_all(found: Vec<Found>, skipped: &mut Vec<Skipped>) -> Result<Vec<(Found, Entry)>, ScanFailed> {
-    hash_unless(found, skipped, &|_| false)
+    hash_cached(found, skipped, &|_| false, &HashCache::none()).map(|(h, _)| h)
 }
 
-/// [`hash_all`], except that files for which `skip` holds (asked when the
-/// file's turn comes) are not read: their entries carry hash 0. For
-/// callers that learn, while hashing, which files cannot be equal anyway.
+/// [`hash_all`], except that files whose hash `cache` knows are not read,
+/// and neither are files for which `skip` holds (asked when the file's
+/// turn comes): their entries carry hash 0. `skip` is for callers that
+/// learn, while hashing, which files cannot be equal anyway.
 ///
 /// A helper thread that cannot be started costs speed (its share is hashed
 /// here); one that panics fails the whole call, so that a broken scan can
 /// never pass for a tree that lacks the files it did not get to.
-pub fn hash_unless(
+pub fn hash_cached(
     found: Vec<Found>,
     skipped: &mut Vec<Skipped>,
     skip: &(dyn Fn(&Found) -> bool + Sync),
-) -> Result<Vec<(Found, Entry)>, ScanFailed> {
+    cache: &HashCache,
+) -> Result<(Vec<(Found, Entry)>, HashStats), ScanFailed> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let total_bytes: u64 = found.iter().map(|f| f.size).sum();
     let hash_one = |f: Found| -> Result<(Found, Entry), Skipped> {
         if crate::fault::hit("hash-panic") {
             panic!("fault injected: hash-panic");
         }
-        let hash = if f.kind == EntryKind::File && !skip(&f) {
+        let hash = if let Some(h) = cache.get(&f) {
+            h
+        } else if f.kind == EntryKind::File && !skip(&f) {
             match hash_file(&f.abs) {
                 Ok((h, len)) if len == f.size => h,
                 Ok(_) => {
@@ -295,13 +315,22 @@ pub fn hash_unless(
         slots.into_iter().flatten().collect()
     };
     let mut out = Vec::with_capacity(results.len());
+    let mut stats = HashStats::default();
     for r in results {
         match r {
-            Ok(x) => out.push(x),
+            Ok(x) => {
+                if x.0.kind == EntryKind::File && x.1.hash != 0 {
+                    match cache.get(&x.0) {
+                        Some(_) => stats.reused += 1,
+                        None => stats.read += 1,
+                    }
+                }
+                out.push(x)
+            }
             Err(s) => skipped.push(s),
         }
     }
-    Ok(out)
+    Ok((out, stats))
 }
 
 /// The message of a panic payload.

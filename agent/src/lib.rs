@@ -6,6 +6,8 @@
 //! - [`paths`]: which paths may cross the wire; both sides enforce them.
 //! - [`index`]: the content index (path, kind, size, mode, hash) both sides
 //!   build for the first sync of a session.
+//! - [`hash_cache`]: the hashes an unchanged file need not be read for
+//!   again, kept between scans.
 //! - [`handshake`] (feature `transport`): opening a session, with the token
 //!   and the protocol version checked before any frame.
 //! - [`mux`] (feature `transport`): one connection carrying control
@@ -23,6 +25,7 @@ pub mod codec;
 pub mod fault;
 #[cfg(feature = "transport")]
 pub mod handshake;
+pub mod hash_cache;
 pub mod index;
 #[cfg(feature = "transport")]
 pub mod mux;

@@ -15,8 +15,12 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: devloop-agent serve --root DIR (--stdio | --listen 127.0.0.1:PORT)
-                           [--token-file PATH | --token-stdin]
+                           [--token-file PATH | --token-stdin] [--cache-dir DIR]
        devloop-agent version
+
+--cache-dir is where the hashes of the root's settled files are kept
+between sessions, so that an unchanged tree is walked, not read (default:
+the temporary directory).
 
 The session token comes from the DEVLOOP_AGENT_TOKEN environment variable,
 a file (--token-file), or the first line of stdin (--token-stdin); never
@@ -37,6 +41,7 @@ struct Args {
     listen: Listen,
     token_file: Option<PathBuf>,
     token_stdin: bool,
+    cache_dir: Option<PathBuf>,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -46,7 +51,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
         Some(other) => return Err(format!("unknown command `{other}`")),
         None => return Err("missing command".into()),
     }
-    let (mut root, mut listen, mut token_file, mut token_stdin) = (None, None, None, false);
+    let (mut root, mut listen, mut token_file, mut token_stdin, mut cache_dir) = (None, None, None, false, None);
     while let Some(a) = it.next() {
         let mut val = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match a.as_str() {
@@ -65,6 +70,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
             }
             "--token-file" => token_file = Some(PathBuf::from(val("--token-file")?)),
             "--token-stdin" => token_stdin = true,
+            "--cache-dir" => cache_dir = Some(PathBuf::from(val("--cache-dir")?)),
             "--token" => {
                 return Err("--token is not accepted: pass the token in DEVLOOP_AGENT_TOKEN or --token-file".into())
             }
@@ -73,7 +79,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     }
     let root = root.ok_or("--root DIR is required")?;
     let listen = listen.ok_or("one of --stdio or --listen 127.0.0.1:PORT is required")?;
-    Ok(Some(Args { root, listen, token_file, token_stdin }))
+    Ok(Some(Args { root, listen, token_file, token_stdin, cache_dir }))
 }
 
 fn read_token(args: &Args) -> Result<String, String> {
@@ -181,6 +187,7 @@ fn main() -> ExitCode {
             Listen::Stdio => None,
         },
         lifeline: args.token_stdin && !matches!(args.listen, Listen::Stdio),
+        cache_dir: args.cache_dir.unwrap_or_else(std::env::temp_dir),
     }));
     // Do not wait for blocked stdin readers: the session is over.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -402,6 +402,10 @@ impl StreamHeader {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Every control message, in both directions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -418,8 +422,16 @@ pub enum Control {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         features: Vec<String>,
     },
-    /// Part of the answer to [`Control::IndexRequest`]; `done` on the last.
-    IndexPart { id: u64, entries: Vec<Entry>, done: bool },
+    /// Part of the answer to [`Control::IndexRequest`]; `done` on the last,
+    /// which says how many files' hashes came from the agent's cache (not
+    /// read).
+    IndexPart {
+        id: u64,
+        entries: Vec<Entry>,
+        done: bool,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        reused: u64,
+    },
     /// A batch has landed: every file in it is either fully written or
     /// listed in `errors`.
     Applied { id: u64, written: u64, deleted: u64, bytes: u64, errors: Vec<PathError>, apply_us: u64 },
@@ -627,6 +639,7 @@ mod tests {
                     link: Some("x".into()),
                 }],
                 done: true,
+                reused: 3,
             },
             Control::Output { source: OutputSource::App, stream: StdStream::Stderr, line: "é".into() },
             Control::App { state: AppState::Exited { code: Some(3) } },
@@ -708,7 +721,7 @@ mod tests {
                 link: None,
             })
             .collect();
-        let part = Control::IndexPart { id: 3, entries, done: true };
+        let part = Control::IndexPart { id: 3, entries, done: true, reused: 0 };
         let (plain, packed) = (encode_control(&part), encode_control_packed(&part));
         assert!(packed.len() * 3 < plain.len(), "{} -> {}", plain.len(), packed.len());
         assert_eq!(Frame::decode(&packed[4..]), Ok(Frame::Control(part)));

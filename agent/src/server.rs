@@ -10,7 +10,8 @@
 
 use crate::{apply, intercept, run};
 use devloop_agent::handshake;
-use devloop_agent::index::{self, WalkOptions};
+use devloop_agent::hash_cache;
+use devloop_agent::index::{self, HashCache, WalkOptions};
 use devloop_agent::mux::{self, close_code, Accepted, End, Heartbeat, Incoming, Mux as Outbound, Role, Stream};
 use devloop_agent::paths::{self, WirePath};
 use devloop_agent::protocol::{self, CommandSpec, Control, ErrorCode, StreamHeader, PROTOCOL_VERSION};
@@ -31,11 +32,15 @@ pub struct Config {
     pub addr: Option<SocketAddr>,
     /// Exit when stdin reaches end of file (see `--token-stdin` in main).
     pub lifeline: bool,
+    /// Where the root's hash cache is kept.
+    pub cache_dir: PathBuf,
 }
 
 /// What every session shares.
 struct Shared {
     root: PathBuf,
+    /// The root's hash cache (see `devloop_agent::hash_cache`).
+    hash_cache: PathBuf,
     token: String,
     apply: apply::Worker,
     app: run::AppHandle,
@@ -45,6 +50,11 @@ pub async fn run(cfg: Config) -> ExitCode {
     let shared = Arc::new(Shared {
         apply: apply::start(cfg.root.clone()),
         app: run::start_app_manager(cfg.root.clone()),
+        hash_cache: hash_cache::path_for(
+            &cfg.cache_dir,
+            "devloop-agent-hashes-",
+            cfg.root.as_os_str().as_encoded_bytes(),
+        ),
         root: cfg.root,
         token: cfg.token,
     });
@@ -267,7 +277,15 @@ where
                 Some((id, deletes, commands, restart, None))
             }
             Incoming::Control(Control::IndexRequest { id, under, prune, packed }) => {
-                tokio::spawn(send_index(shared.root.clone(), id, under, prune, packed, out.clone()));
+                tokio::spawn(send_index(
+                    shared.root.clone(),
+                    shared.hash_cache.clone(),
+                    id,
+                    under,
+                    prune,
+                    packed,
+                    out.clone(),
+                ));
                 None
             }
             Incoming::Control(Control::AppConfigure { app }) => {
@@ -449,11 +467,19 @@ fn kind_of(c: &Control) -> String {
 
 /// Walks and hashes the requested trees and sends the index in parts small
 /// enough to interleave with other traffic.
-async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<WirePath>, packed: bool, out: Outbound) {
+async fn send_index(
+    root: PathBuf,
+    cache: PathBuf,
+    id: u64,
+    under: Vec<WirePath>,
+    prune: Vec<WirePath>,
+    packed: bool,
+    out: Outbound,
+) {
     let send = |c: Control| if packed { out.control_packed(c) } else { out.control(c) };
     let refuse = |message: String| {
         let _ = out.control(Control::Error { code: ErrorCode::Request, message, fatal: false, request: Some(id) });
-        let _ = out.control(Control::IndexPart { id, entries: vec![], done: true });
+        let _ = out.control(Control::IndexPart { id, entries: vec![], done: true, reused: 0 });
     };
     for u in under.iter().chain(prune.iter()) {
         if !u.is_empty() {
@@ -463,6 +489,7 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<Wir
         }
     }
     let walked = tokio::task::spawn_blocking(move || {
+        let cache = HashCache::open(cache);
         let mut found = Vec::new();
         let mut skipped = Vec::new();
         let mut keep = |wire: &WirePath, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
@@ -478,10 +505,14 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<Wir
             }
             index::walk(&base, u, &mut keep, WalkOptions { clean_stale_temps: true }, &mut found, &mut skipped);
         }
-        index::hash_all(found, &mut skipped).map(|h| h.into_iter().map(|(_, e)| e).collect::<Vec<_>>())
+        let hashed = index::hash_cached(found, &mut skipped, &|_| false, &cache);
+        hashed.map(|(h, stats)| {
+            cache.store(&h);
+            (h.into_iter().map(|(_, e)| e).collect::<Vec<_>>(), stats)
+        })
     })
     .await;
-    let entries = match walked {
+    let (entries, stats) = match walked {
         Ok(Ok(e)) => e,
         // A failed walk is not an empty tree: the CLI would send everything
         // again, and believe it knew what is here.
@@ -495,11 +526,11 @@ async fn send_index(root: PathBuf, id: u64, under: Vec<WirePath>, prune: Vec<Wir
         size += e.path.len() + 80;
         part.push(e);
         if size > 256 << 10 {
-            let _ = send(Control::IndexPart { id, entries: std::mem::take(&mut part), done: false });
+            let _ = send(Control::IndexPart { id, entries: std::mem::take(&mut part), done: false, reused: 0 });
             size = 0;
         }
     }
-    let _ = send(Control::IndexPart { id, entries: part, done: true });
+    let _ = send(Control::IndexPart { id, entries: part, done: true, reused: stats.reused });
 }
 
 struct PostSync {

@@ -432,7 +432,7 @@ async fn an_index_request_outside_the_root_is_refused_and_answered() {
     }
     // The request still ends (empty), so a client waiting on it is released.
     match next_control(&mut rx).await {
-        Control::IndexPart { id: 7, entries, done: true } => assert!(entries.is_empty()),
+        Control::IndexPart { id: 7, entries, done: true, .. } => assert!(entries.is_empty()),
         other => panic!("expected the final index part, got {other:?}"),
     }
     // The session goes on: a valid index of the root works.
@@ -441,7 +441,7 @@ async fn an_index_request_outside_the_root_is_refused_and_answered() {
     for (id, packed) in [(8, false), (9, true)] {
         out.control(Control::IndexRequest { id, under: vec![WirePath::default()], prune: vec![], packed }).unwrap();
         match next_control(&mut rx).await {
-            Control::IndexPart { id: got, entries, done: true } if got == id => {
+            Control::IndexPart { id: got, entries, done: true, .. } if got == id => {
                 assert_eq!(entries.iter().map(|e| e.path.to_str().unwrap()).collect::<Vec<_>>(), vec!["f"])
             }
             other => panic!("expected the index (packed: {packed}), got {other:?}"),

@@ -51,5 +51,9 @@ pub fn find_binary(env: &str, name: &str, built: Option<&str>) -> Result<PathBuf
 pub fn command(root: &Path) -> Result<Command, TargetError> {
     let mut c = Command::new(agent_binary()?);
     c.arg("serve").arg("--stdio").arg("--root").arg(root);
+    // The target's hash cache beside the source's (else the agent's default).
+    if let Some(d) = crate::cache_dir() {
+        c.arg("--cache-dir").arg(d.join("target-hashes"));
+    }
     Ok(c)
 }

@@ -33,7 +33,8 @@ pub(super) async fn start_forwarded(
     rep: &Reporter,
 ) -> Result<Started, Step> {
     let pods: Api<Pod> = Api::namespaced(ep.cluster.client.clone(), &ep.cluster.namespace);
-    let cmd = [remote, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", root];
+    let cache = cache_dir(remote);
+    let cmd = [remote, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", root, "--cache-dir", cache];
     let Launched { process, stdin, stdout, forwarders } =
         launch(ep, container, &cmd, token, rep).await.map_err(Step::Start)?;
     // "devloop-agent V protocol N listening on 127.0.0.1:PORT root DIR"
@@ -238,11 +239,18 @@ pub(super) async fn start_stdio(
     token: &str,
     rep: &Reporter,
 ) -> Result<Started, KubeError> {
-    let cmd = [remote, "serve", "--stdio", "--token-stdin", "--root", root];
+    let cache = cache_dir(remote);
+    let cmd = [remote, "serve", "--stdio", "--token-stdin", "--root", root, "--cache-dir", cache];
     let Launched { process, stdin, stdout, forwarders } = launch(ep, container, &cmd, token, rep).await?;
     Ok(Started {
         io: Box::new(tokio::io::join(stdout, stdin)),
         process: Process::remote(process, forwarders),
         via: "exec".into(),
     })
+}
+
+/// Where the agent at `remote` keeps its hash cache: beside its binary,
+/// where `devloop down` clears it.
+fn cache_dir(remote: &str) -> &str {
+    remote.rsplit_once('/').map_or("/tmp", |(d, _)| d)
 }

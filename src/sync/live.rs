@@ -143,9 +143,11 @@ impl Engine {
     /// ignore-file change). What it cannot read stays as it is on the
     /// target (and is tried again); a scan that fails plans nothing.
     fn rescan_plan(&mut self) -> Result<Plan, ScanFailed> {
+        let cache = self.hash_cache();
         let scan = self.scan_source()?;
         let mut skipped = scan.skipped;
-        let src = index::hash_all(scan.found, &mut skipped)?;
+        let (src, _) = index::hash_cached(scan.found, &mut skipped, &|_| false, &cache)?;
+        cache.store(&src);
         self.take_unreadable(&skipped);
         self.links.clear();
         for (f, _) in &src {

@@ -18,7 +18,6 @@ use devloop_agent::index::{self, Found};
 use devloop_agent::paths::{self, WirePath};
 use devloop_agent::protocol::{Entry, EntryKind};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A path to send.
@@ -212,17 +211,7 @@ impl Engine {
             }
             if is_dir {
                 let mut sub = Scan {
-                    found: vec![Found {
-                        path: wire.clone(),
-                        abs: abs.clone(),
-                        kind: EntryKind::Dir,
-                        size: 0,
-                        mode: md.permissions().mode() & 0o777,
-                        link: None,
-                        dev: md.dev(),
-                        ino: md.ino(),
-                        nlink: md.nlink(),
-                    }],
+                    found: vec![Found::of(wire.clone(), abs.clone(), EntryKind::Dir, &md)],
                     pruned: Vec::new(),
                     skipped: Vec::new(),
                 };
@@ -258,17 +247,8 @@ impl Engine {
                 if !md.file_type().is_symlink() && !md.is_file() {
                     continue;
                 }
-                let f = Found {
-                    path: wire,
-                    abs: abs.clone(),
-                    kind: if md.file_type().is_symlink() { EntryKind::Symlink } else { EntryKind::File },
-                    size: md.size(),
-                    mode: md.permissions().mode() & 0o777,
-                    link: None,
-                    dev: md.dev(),
-                    ino: md.ino(),
-                    nlink: md.nlink(),
-                };
+                let kind = if md.file_type().is_symlink() { EntryKind::Symlink } else { EntryKind::File };
+                let f = Found::of(wire, abs.clone(), kind, &md);
                 if let Some(siblings) = self.note_links(&f) {
                     work.extend(siblings);
                 }
@@ -382,17 +362,7 @@ impl Engine {
             {
                 if let Some(pabs) = f.abs.parent() {
                     if let Ok(m) = std::fs::symlink_metadata(pabs) {
-                        let pf = Found {
-                            path: parent,
-                            abs: pabs.to_path_buf(),
-                            kind: EntryKind::Dir,
-                            size: 0,
-                            mode: m.permissions().mode() & 0o777,
-                            link: None,
-                            dev: m.dev(),
-                            ino: m.ino(),
-                            nlink: m.nlink(),
-                        };
+                        let pf = Found::of(parent, pabs.to_path_buf(), EntryKind::Dir, &m);
                         self.plan_found(ri, pf, plan, planned);
                     }
                 }

@@ -71,7 +71,14 @@ impl Project {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = devloop();
         c.current_dir(self.dir.path()).args(args);
+        // Hash caches (both sides) stay in the project.
+        c.env("DEVLOOP_CACHE_DIR", self.cache());
         c
+    }
+
+    /// Where the project's devloop keeps its caches.
+    pub fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
     }
 
     /// `devloop sync --once`, returning (exit code, stdout).
