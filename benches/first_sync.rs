@@ -47,14 +47,18 @@ struct Cost {
     pod: Option<f64>,
     plane: Option<f64>,
     files: usize,
+    /// From devloop's `in_sync` event: files whose hash came from the
+    /// cache here, and in the pod.
+    reused: Option<(u64, u64)>,
 }
 
 impl Cost {
     fn show(&self, what: &str, floor: Option<&Cost>) {
         let ratio = floor.map(|f| format!("   {:.2}x tar", self.secs / f.secs)).unwrap_or_default();
         let opt = |v: Option<f64>| v.map(|v| format!("{v:.1} s")).unwrap_or_else(|| "-".into());
+        let reused = self.reused.map(|(h, p)| format!(", hashes reused: {h} here, {p} in the pod")).unwrap_or_default();
         println!(
-            "  {what:<34} {:>6.2} s{ratio:<13} CPU here {:.1} s, pod {}, API server+kubelet+containerd {}   ({} files in the pod)",
+            "  {what:<34} {:>6.2} s{ratio:<13} CPU here {:.1} s, pod {}, API server+kubelet+containerd {}   ({} files in the pod{reused})",
             self.secs,
             self.here,
             opt(self.pod),
@@ -174,13 +178,18 @@ impl Cluster {
     fn cost(&self, kubeconfig: &Path, pod: &str, cmd: &mut Command) -> Cost {
         let (pod0, plane0, here0) = (self.pod_cpu(kubeconfig, pod), self.plane_cpu(), children_cpu());
         let t0 = Instant::now();
-        let st = cmd.stdout(Stdio::null()).status().expect("the command runs");
+        let out = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).output().expect("the command runs");
         let secs = t0.elapsed().as_secs_f64();
-        assert!(st.success(), "{cmd:?} failed");
+        assert!(out.status.success(), "{cmd:?} failed");
+        let reused = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["type"] == "in_sync")
+            .map(|e| (e["reused"].as_u64().unwrap_or(0), e["target_reused"].as_u64().unwrap_or(0)));
         let here = children_cpu() - here0;
         let pod_cpu = self.pod_cpu(kubeconfig, pod).zip(pod0).map(|(a, b)| a - b);
         let plane = self.plane_cpu().zip(plane0).map(|(a, b)| a - b);
-        Cost { secs, here, pod: pod_cpu, plane, files: self.files_in_pod(kubeconfig, pod) }
+        Cost { secs, here, pod: pod_cpu, plane, files: self.files_in_pod(kubeconfig, pod), reused }
     }
 }
 
@@ -321,6 +330,16 @@ fn main() {
             )
             .unwrap();
         };
+        // Caches of this run only (a fresh tree has new inodes anyway).
+        let cache = d.path().join("devloop-cache");
+        let sync_once = |kc: &Path| {
+            let mut c = Command::new(devloop_bin());
+            c.current_dir(&conf)
+                .env("KUBECONFIG", kc)
+                .env("DEVLOOP_CACHE_DIR", &cache)
+                .args(["--json", "sync", "--once"]);
+            c
+        };
         for (link_name, kc) in &links {
             println!("over {link_name}:");
             let pod = cluster.fresh_pod(kc);
@@ -341,8 +360,7 @@ fn main() {
                 write_config(transport);
                 let pod = cluster.fresh_pod(kc);
                 drop_caches();
-                let mut c = Command::new(devloop_bin());
-                c.current_dir(&conf).env("KUBECONFIG", kc).args(["sync", "--once"]);
+                let mut c = sync_once(kc);
                 if let Some(v) = compress {
                     c.env("DEVLOOP_COMPRESS", v);
                 }
@@ -351,10 +369,17 @@ fn main() {
             };
             let (ours, pod) = devloop("port-forward", None);
             ours.show("devloop sync --once (port-forward)", Some(&tar));
-            let mut again = Command::new(devloop_bin());
-            again.current_dir(&conf).env("KUBECONFIG", kc).args(["sync", "--once"]);
-            let resync = cluster.cost(kc, &pod, &mut again);
-            resync.show("  unchanged re-sync", None);
+            let resync = cluster.cost(kc, &pod, &mut sync_once(kc));
+            resync.show("  unchanged re-sync, right after", None);
+            // Each side keeps the hashes of the files it read that had
+            // been left alone for 2 s (hash_cache::SETTLED): the pod's
+            // files written in the first sync's last 2 s are read again
+            // 2 s later, and after that a re-sync is a walk on both sides.
+            std::thread::sleep(Duration::from_millis(2100));
+            let later = cluster.cost(kc, &pod, &mut sync_once(kc));
+            later.show("  unchanged re-sync, 2 s later", None);
+            let warm = cluster.cost(kc, &pod, &mut sync_once(kc));
+            warm.show("  and again (hash caches warm)", None);
             let (raw, _) = devloop("port-forward", Some("0"));
             raw.show("  the same, uncompressed", Some(&tar));
             let (exec, _) = devloop("exec", None);
