@@ -745,6 +745,60 @@ async fn agents_running(pods: &Api<Pod>, pod: &str) -> usize {
     exec(pods, pod, &["sh", "-c", script], None).await.trim().parse().unwrap()
 }
 
+/// In a real container's filesystem (overlayfs on most nodes), as on this
+/// machine: once the tree has settled, an unchanged re-sync reads no file
+/// in the pod; a file changed in the pod with its size and mtime as they
+/// were is still found (its ctime moved) and put right; `down` removes the
+/// cache with the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
+async fn an_unchanged_resync_reads_nothing_in_the_pod_and_still_finds_a_change_there() {
+    let Some(client) = client().await else { return };
+    let ns = TestNamespace::create(&client).await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    deps.create(&PostParams::default(), &deployment("web", &image(), "while :; do sleep 1; done")).await.unwrap();
+    let pod = ready_pod(&pods, "web").await;
+    let root = "/tmp/app";
+    let p = util::Project::with_yaml(&format!(
+        "services:\n  web:\n    target:\n      kubernetes: {{namespace: {}, deployment: web, root: {root}}}\n    sync:\n      - from: src\n",
+        ns.name
+    ));
+    let n = 1200;
+    for i in 0..n {
+        p.write(&format!("d{}/f{i}.txt", i % 10), format!("file {i:05}").as_bytes());
+    }
+    let t = Duration::from_secs(120);
+    let in_sync = || tokio::task::block_in_place(|| p.in_sync(t));
+    println!("step: first sync");
+    assert_eq!(in_sync(), (n, 0, 0));
+    // busybox keeps whole seconds when it copies an mtime (`cp -p`,
+    // `touch -r`): give the file such an mtime now, so that putting it
+    // back later leaves it exactly as the cache saw it.
+    let f4 = format!("{root}/d4/f4.txt");
+    let keep_mtime = format!("cp -p {f4} /tmp/ref4 && touch -r /tmp/ref4 {f4} && stat -c %y {f4}");
+    let mtime = exec(&pods, &pod, &["sh", "-c", &keep_mtime], None).await;
+    // Hashes are kept for files left alone for 2 s before a scan began.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    println!("step: re-syncs: the first reads both trees, the next neither");
+    assert_eq!(in_sync(), (n, 0, 0));
+    assert_eq!(in_sync(), (n, n, n));
+
+    println!("step: a change in the pod with size and mtime as they were");
+    let sneak = format!("printf 'pod! 00004' > {f4} && touch -r /tmp/ref4 {f4} && stat -c %y {f4}");
+    assert_eq!(exec(&pods, &pod, &["sh", "-c", &sneak], None).await, mtime, "the mtime was put back");
+    assert_eq!(in_sync(), (n, n, n - 1), "the pod read the one file that changed");
+    assert_eq!(exec(&pods, &pod, &["cat", &f4], None).await, "file 00004", "put right");
+
+    println!("step: down removes the agent and its cache");
+    let caches = "ls /tmp/devloop-agent-hashes-* 2>/dev/null | wc -l";
+    assert_eq!(exec(&pods, &pod, &["sh", "-c", caches], None).await.trim(), "1");
+    let out = tokio::task::block_in_place(|| util::output_within(p.cmd(&["down"]), t));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let left = exec(&pods, &pod, &["sh", "-c", "ls /tmp/devloop-agent-* 2>/dev/null | wc -l"], None).await;
+    assert_eq!(left.trim(), "0", "agent files left in {pod}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a cluster: KUBECONFIG (see scripts/test-cluster)"]
 async fn restart_keeps_synced_files_and_down_leaves_the_namespace_as_it_was() {

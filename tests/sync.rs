@@ -405,17 +405,7 @@ fn an_unchanged_resync_reads_no_file_and_still_finds_a_hidden_change() {
     for i in 0..n {
         p.write(&format!("d{}/f{i}.txt", i % 10), format!("file {i:05}").as_bytes());
     }
-    let in_sync = || {
-        let out = output_within(p.cmd(&["--json", "sync", "--once"]), T);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        let ev = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|e| e["type"] == "in_sync")
-            .unwrap_or_else(|| panic!("no in_sync event:\n{stdout}"));
-        (ev["files"].as_u64().unwrap(), ev["reused"].as_u64().unwrap(), ev["target_reused"].as_u64().unwrap())
-    };
+    let in_sync = || p.in_sync(T);
     assert_eq!(in_sync(), (n, 0, 0), "the first sync");
     // Hashes are only kept for files left alone for 2 s (see hash_cache):
     // wait until every file on both sides is that old.

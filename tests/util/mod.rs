@@ -90,6 +90,21 @@ impl Project {
         )
     }
 
+    /// `devloop --json sync --once`, which must succeed within `timeout`;
+    /// returns its `in_sync` event's files, and the hashes reused here and
+    /// in the target.
+    pub fn in_sync(&self, timeout: Duration) -> (u64, u64, u64) {
+        let out = output_within(self.cmd(&["--json", "sync", "--once"]), timeout);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let ev = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["type"] == "in_sync")
+            .unwrap_or_else(|| panic!("no in_sync event:\n{stdout}"));
+        (ev["files"].as_u64().unwrap(), ev["reused"].as_u64().unwrap(), ev["target_reused"].as_u64().unwrap())
+    }
+
     /// Starts `devloop --json watch` and waits until it is watching.
     pub fn watch(&self) -> Watching {
         self.watch_n(1)
