@@ -380,6 +380,12 @@ fn main() {
             later.show("  unchanged re-sync, 2 s later", None);
             let warm = cluster.cost(kc, &pod, &mut sync_once(kc));
             warm.show("  and again (hash caches warm)", None);
+            // A morning's first start: the tree is no longer in memory on
+            // either side (the pod's node is this machine). Without the
+            // caches this read every file again.
+            drop_caches();
+            let cold = cluster.cost(kc, &pod, &mut sync_once(kc));
+            cold.show("  and again, page caches dropped", None);
             let (raw, _) = devloop("port-forward", Some("0"));
             raw.show("  the same, uncompressed", Some(&tar));
             let (exec, _) = devloop("exec", None);
