@@ -306,7 +306,8 @@ async fn injection_is_a_probe_a_verified_upload_then_the_agent_behind_a_port_for
             match words.as_slice() {
                 ["EXEC", "sh", "-c", "uname", ..] => "probe".into(),
                 ["EXEC", "sh", "-c", "head", "-c", n, ..] => format!("upload {n}"),
-                ["EXEC", agent, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", "/app"]
+                // The hash cache beside the agent, where `down` clears it.
+                ["EXEC", agent, "serve", "--listen", "127.0.0.1:0", "--token-stdin", "--root", "/app", "--cache-dir", "/tmp"]
                     if agent.starts_with("/tmp/devloop-agent-") =>
                 {
                     "start".into()

@@ -219,7 +219,36 @@ fn write(path: &Path, records: &[Record]) -> std::io::Result<()> {
     if done.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    if done.is_ok() {
+        prune(dir, &name);
+    }
     done
+}
+
+/// Caches of trees not synced for this long are removed (by whoever
+/// writes a cache beside them), so that every tree ever synced does not
+/// leave a file behind for good.
+const FORGOTTEN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Removes the caches beside `name` (same prefix, see [`path_for`]) that
+/// were not written for [`FORGOTTEN`].
+fn prune(dir: &Path, name: &str) {
+    let Some(prefix) = name.len().checked_sub(16).and_then(|i| name.get(..i)) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let now = SystemTime::now();
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let Some(n) = n.to_str() else { continue };
+        let ours =
+            n.len() == name.len() && n.starts_with(prefix) && n[prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit());
+        if !ours || n == name {
+            continue;
+        }
+        let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| now.duration_since(t).ok());
+        if old.is_some_and(|age| age > FORGOTTEN) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Where a process keeps, in `dir`, the cache for the trees `key` names
@@ -365,6 +394,29 @@ mod tests {
     }
 
     use std::os::unix::fs::PermissionsExt;
+
+    /// Writing a cache removes the caches beside it that were not written
+    /// for 30 days, and nothing else.
+    #[test]
+    fn forgotten_caches_are_removed() {
+        let d = tree(1200);
+        let dir = tempfile::tempdir().unwrap();
+        let name = |k: &str| path_for(dir.path(), "h-", k.as_bytes());
+        let (stale, recent, other) = (name("stale"), name("recent"), dir.path().join("h-notacache"));
+        for p in [&stale, &recent, &other] {
+            std::fs::write(p, "x").unwrap();
+        }
+        let long_ago = SystemTime::now() - Duration::from_secs(40 * 24 * 3600);
+        for p in [&stale, &other] {
+            std::fs::File::options().write(true).open(p).unwrap().set_modified(long_ago).unwrap();
+        }
+        let c = HashCache::open_at(name("this"), later(10));
+        let (first, _) = hash(scan(d.path()), &c);
+        c.store(&first);
+        assert!(name("this").exists());
+        assert!(!stale.exists(), "a cache not written for 40 days is removed");
+        assert!(recent.exists() && other.exists(), "a recent cache, and a file that is not a cache, stay");
+    }
 
     /// A small tree is not worth a file.
     #[test]
