@@ -86,6 +86,13 @@ pub enum Kind {
         dirs: usize,
         watcher: String,
     },
+    /// The pods of a service run their first syncs one at a time (each
+    /// holds a scan and a plan of the whole tree while it runs): `waiting`
+    /// when this pod's must wait for another pod's to end, then not
+    /// `waiting` when its turn has come.
+    SyncTurn {
+        waiting: bool,
+    },
     /// A batch is on its way.
     SyncStarted {
         batch: u64,
@@ -359,6 +366,8 @@ pub fn plain(ev: &Event) -> String {
             human_bytes(*bytes)
         ),
         Kind::SyncError { path, message, .. } => format!("error: {path}: {message}"),
+        Kind::SyncTurn { waiting: true } => "the first sync waits for another pod's to end".into(),
+        Kind::SyncTurn { waiting: false } => "the first sync's turn has come".into(),
         Kind::InSync { files, dirs, checked_ms, .. } => {
             format!("in sync: {files} files, {dirs} directories (checked in {checked_ms:.0} ms)")
         }

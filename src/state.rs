@@ -41,6 +41,8 @@ pub enum AgentState {
     Injecting,
     /// The first sync (by content) is running.
     Syncing,
+    /// The first sync waits for another pod's to end (they take turns).
+    Waiting,
     Live,
     Reconnecting {
         attempt: u32,
@@ -58,6 +60,7 @@ impl AgentState {
             AgentState::Connecting => "connecting",
             AgentState::Injecting => "injecting",
             AgentState::Syncing => "syncing",
+            AgentState::Waiting => "waiting",
             AgentState::Live => "live",
             AgentState::Reconnecting { .. } => "reconnecting",
             AgentState::Error { .. } => "error",
@@ -249,6 +252,7 @@ impl State {
                 s.via = Some(via.clone());
                 set(s, AgentState::Syncing);
             }
+            Kind::SyncTurn { waiting } => set(s, if *waiting { AgentState::Waiting } else { AgentState::Syncing }),
             Kind::AgentLost { reason } => set(s, AgentState::Error { message: reason.clone() }),
             Kind::Reconnecting { attempt, in_ms } => {
                 set(s, AgentState::Reconnecting { attempt: *attempt, in_ms: *in_ms })
@@ -395,7 +399,13 @@ mod tests {
             root: "/app".into(),
             via: "port-forward 127.0.0.1:1".into(),
         };
-        st.apply(&ev("web", Some("p1"), 3, connected));
+        st.apply(&ev("web", Some("p1"), 3, connected.clone()));
+        // p3's first sync waits for p1's, then runs.
+        st.apply(&ev("web", Some("p3"), 3, connected));
+        st.apply(&ev("web", Some("p3"), 3, Kind::SyncTurn { waiting: true }));
+        assert_eq!(st.session("web", Some("p3")).unwrap().agent, AgentState::Waiting);
+        st.apply(&ev("web", Some("p3"), 4, Kind::SyncTurn { waiting: false }));
+        assert_eq!(st.session("web", Some("p3")).unwrap().agent, AgentState::Syncing);
         let started = Kind::SyncStarted { batch: 1, initial: true, files: 10, deletes: 0, bytes: 100 };
         st.apply(&ev("web", Some("p1"), 4, started));
         let progress = Kind::SyncProgress { files_done: 5, files_total: 10, bytes_done: 50, bytes_total: 100 };

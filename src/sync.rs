@@ -226,7 +226,16 @@ impl Engine {
     /// index, by content, and send only the differences. Returns the number
     /// of paths that failed or could not be read.
     pub async fn initial_sync(&mut self, link: &AgentClient) -> Result<usize, SyncError> {
-        let _turn = self.model.shelf().clone().first_sync_turn().await;
+        let shelf = self.model.shelf().clone();
+        let _turn = match shelf.first_sync_turn_now() {
+            Some(t) => t,
+            None => {
+                self.rep.send(Kind::SyncTurn { waiting: true });
+                let t = shelf.first_sync_turn().await;
+                self.rep.send(Kind::SyncTurn { waiting: false });
+                t
+            }
+        };
         let t0 = Instant::now();
         let (cache, scan) = tokio::task::block_in_place(|| (self.hash_cache(), self.scan_source()));
         let scan = scan?;

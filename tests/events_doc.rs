@@ -26,6 +26,7 @@ fn every_kind() -> Vec<Kind> {
             paths: vec![s()],
         },
         Kind::SyncProgress { files_done: 1, files_total: 2, bytes_done: 1, bytes_total: 2 },
+        Kind::SyncTurn { waiting: true },
         Kind::SyncError { path: s(), path_not_utf8: true, message: s() },
         Kind::InSync { files: 1, dirs: 1, checked_ms: 1.0, reused: 1, target_reused: 1 },
         Kind::CommandStarted { command: s() },
@@ -72,6 +73,7 @@ fn every_kind() -> Vec<Kind> {
             | Kind::SyncStarted { .. }
             | Kind::SyncApplied { .. }
             | Kind::SyncProgress { .. }
+            | Kind::SyncTurn { .. }
             | Kind::SyncError { .. }
             | Kind::InSync { .. }
             | Kind::CommandStarted { .. }

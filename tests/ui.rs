@@ -132,6 +132,26 @@ fn a_service_waiting_for_pods_says_why_and_since_when() {
     check("waiting_for_pods", &m, 80, 24);
 }
 
+/// A replica whose first sync waits for another's says so, and since
+/// when, in its row and in the detail; once its turn comes, it syncs.
+#[test]
+fn a_pod_waiting_for_its_turn_to_sync_says_so() {
+    let mut e = live("web", Some("web-a"), 0.0, "pod dev/web-a");
+    e.extend(started("web", Some("web-b"), 0.0, "pod dev/web-b"));
+    e.push(connected("web", Some("web-b"), 1.0));
+    e.push(ev("web", Some("web-b"), 1.0, Kind::SyncTurn { waiting: true }));
+    let mut m = model(&e, 8.0);
+    m.selected = m.rows().iter().position(|r| r.pod.as_deref() == Some("web-b")).expect("a row for web-b");
+    let s = screen(&m, 100, 24);
+    let row = s.lines().find(|l| l.contains("web-b")).unwrap_or_else(|| panic!("no row for web-b:\n{s}"));
+    assert!(row.contains("waiting 7s"), "{s}");
+    assert!(s.contains("another pod's first sync runs"), "{s}");
+    e.push(ev("web", Some("web-b"), 9.0, Kind::SyncTurn { waiting: false }));
+    let s = screen(&model(&e, 10.0), 100, 24);
+    let row = s.lines().find(|l| l.contains("web-b")).unwrap();
+    assert!(row.contains("syncing 1s"), "{s}");
+}
+
 #[test]
 fn initial_sync_shows_progress_rate_and_eta() {
     let mut e = started("web", None, 0.0, "local:.devloop/targets/web");

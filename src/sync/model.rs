@@ -82,6 +82,11 @@ impl Shelf {
         self.turn.clone().acquire_owned().await.expect("the semaphore is never closed")
     }
 
+    /// The turn at once, if no other target's first sync is running.
+    pub fn first_sync_turn_now(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.turn.clone().try_acquire_owned().ok()
+    }
+
     /// An equal base already on the shelf, or `base` itself, now shelved.
     fn share(&self, base: Arc<Map>) -> Arc<Map> {
         // A poisoned lock only means another session panicked while it
@@ -264,6 +269,7 @@ mod tests {
     async fn first_syncs_of_a_service_take_turns() {
         let shelf = Shelf::default();
         let first = shelf.first_sync_turn().await;
+        assert!(shelf.first_sync_turn_now().is_none(), "a turn at once while another first sync runs");
         let other = shelf.clone();
         let mut second = tokio::spawn(async move { other.first_sync_turn().await });
         let waited = tokio::time::timeout(std::time::Duration::from_secs(60), &mut second).await;

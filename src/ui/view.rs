@@ -129,7 +129,9 @@ fn agent_cell(s: &SessionState, now_ms: u64) -> String {
         },
         AgentState::Live => "live".into(),
         AgentState::Reconnecting { attempt, .. } => format!("retry #{attempt} {waited}"),
-        AgentState::Connecting | AgentState::Injecting => format!("{} {waited}", s.agent.label()),
+        AgentState::Connecting | AgentState::Injecting | AgentState::Waiting => {
+            format!("{} {waited}", s.agent.label())
+        }
         a => a.label().into(),
     }
 }
@@ -322,6 +324,7 @@ fn waiting(s: &SessionState, note: Option<&str>, now_ms: u64) -> String {
         AgentState::Connecting => format!("waiting {since}: connecting to the agent"),
         AgentState::Injecting => format!("waiting {since}: copying the agent into the pod"),
         AgentState::Syncing => format!("initial sync, {since}"),
+        AgentState::Waiting => format!("waiting {since}: another pod's first sync runs (they take turns)"),
         AgentState::Reconnecting { attempt, in_ms } => {
             let why = s.errors.back().map(|e| format!(" after: {}", e.message)).unwrap_or_default();
             format!("waiting {since}: reconnecting (attempt {attempt}, next in {in_ms} ms){why}")
