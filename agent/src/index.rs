@@ -188,6 +188,95 @@ pub fn walk(
     }
 }
 
+/// A visitor that keeps what `keep` says, entering directories or not.
+struct Shallow<'a> {
+    keep: &'a (dyn Fn(&WirePath, bool) -> bool + Sync),
+    descend: bool,
+}
+
+impl Visit for Shallow<'_> {
+    fn keep(&mut self, wire: &WirePath, is_dir: bool) -> bool {
+        (self.keep)(wire, is_dir)
+    }
+
+    fn descend(&mut self, _wire: &WirePath) -> bool {
+        self.descend
+    }
+}
+
+/// [`walk`] on all cores, for a visitor with no state of its own (the
+/// agent's index): the top level here, then each top-level directory on
+/// whichever thread is free. The result is in the same order as
+/// [`walk`]'s. A walk is mostly `stat`s and directory reads, which run in
+/// parallel in the kernel. (The CLI's walk, whose visitor loads ignore
+/// files as it goes, shares its work out the same way in `sync::scan`.)
+///
+/// A helper thread that cannot be started costs speed; one that panics
+/// fails the walk (a partial walk must never pass for the whole tree).
+pub fn walk_parallel(
+    base: &Path,
+    prefix: &WirePath,
+    keep: &(dyn Fn(&WirePath, bool) -> bool + Sync),
+    opts: WalkOptions,
+    out: &mut Vec<Found>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<(), ScanFailed> {
+    let mut top = Vec::new();
+    walk(base, prefix, &mut Shallow { keep, descend: false }, opts, &mut top, skipped);
+    let dirs: Vec<usize> = (0..top.len()).filter(|&i| top[i].kind == EntryKind::Dir).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(dirs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type Sub = (usize, Vec<Found>, Vec<Skipped>);
+    let work = || {
+        let mut done: Vec<Sub> = Vec::new();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&i) = dirs.get(k) else { break };
+            let (mut found, mut sk) = (Vec::new(), Vec::new());
+            walk(&top[i].abs, &top[i].path, &mut Shallow { keep, descend: true }, opts, &mut found, &mut sk);
+            done.push((k, found, sk));
+        }
+        done
+    };
+    let mut subs: Vec<Option<(Vec<Found>, Vec<Skipped>)>> = (0..dirs.len()).map(|_| None).collect();
+    let mut failed = None;
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                if crate::fault::hit("spawn-fail") {
+                    return None;
+                }
+                std::thread::Builder::new().name("walk".into()).spawn_scoped(s, &work).ok()
+            })
+            .collect();
+        let mut take = |r: std::thread::Result<Vec<Sub>>| match r {
+            Ok(done) => done.into_iter().for_each(|(k, f, sk)| subs[k] = Some((f, sk))),
+            Err(p) => failed = Some(panic_message(&*p)),
+        };
+        take(std::panic::catch_unwind(std::panic::AssertUnwindSafe(&work)));
+        for h in helpers {
+            take(h.join());
+        }
+    });
+    if let Some(m) = failed {
+        return Err(ScanFailed(format!("a walking thread panicked: {m}")));
+    }
+    if subs.iter().any(Option::is_none) {
+        return Err(ScanFailed("a walking thread left directories unwalked".into()));
+    }
+    // Each directory's subtree goes right after the directory.
+    let mut subs = subs.into_iter().flatten();
+    for f in top {
+        let is_dir = f.kind == EntryKind::Dir;
+        out.push(f);
+        if let Some((found, sk)) = is_dir.then(|| subs.next()).flatten() {
+            out.extend(found);
+            skipped.extend(sk);
+        }
+    }
+    Ok(())
+}
+
 /// xxh3-64 of a file's content, read in large blocks.
 pub fn hash_file(path: &Path) -> io::Result<(u64, u64)> {
     let mut f = std::fs::File::open(path)?;
@@ -379,6 +468,39 @@ mod tests {
         let hashed = hash_all(out, &mut sk).unwrap();
         assert_eq!(hashed[2].1.hash, hash_bytes(b"hello"));
         assert_eq!(hashed[3].1.link, Some(WirePath::from("top")));
+    }
+
+    /// The walk on all cores finds what the walk on one finds, in the same
+    /// order, leaving out the same pruned directory. (With no helper
+    /// thread: `threads_that_cannot_start_cost_only_speed`, tests/data_safety.rs.)
+    #[test]
+    fn the_parallel_walk_is_the_walk() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            let dir = d.path().join(format!("d{}/sub{}", i % 7, i % 3));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("f{i}")), format!("{i}")).unwrap();
+        }
+        std::fs::create_dir_all(d.path().join("pruned/deep")).unwrap();
+        std::fs::write(d.path().join("pruned/deep/x"), "x").unwrap();
+        std::fs::write(d.path().join("top"), "t").unwrap();
+        std::os::unix::fs::symlink("top", d.path().join("link")).unwrap();
+        let root = WirePath::default();
+        let keep = |w: &WirePath, is_dir: bool| !(is_dir && w.as_bytes() == b"pruned");
+        let (mut one, mut sk) = (vec![], vec![]);
+        walk(
+            d.path(),
+            &root,
+            &mut |w: &WirePath, is_dir: bool| keep(w, is_dir),
+            WalkOptions::default(),
+            &mut one,
+            &mut sk,
+        );
+        let paths = |v: &[Found]| v.iter().map(|f| (f.path.to_str().unwrap().to_string(), f.kind)).collect::<Vec<_>>();
+        assert!(paths(&one).iter().all(|(p, _)| !p.starts_with("pruned")));
+        let (mut all, mut sk) = (vec![], vec![]);
+        walk_parallel(d.path(), &root, &keep, WalkOptions::default(), &mut all, &mut sk).unwrap();
+        assert_eq!(paths(&all), paths(&one));
     }
 
     /// A file whose size changed between the walk and the read is not

@@ -492,7 +492,7 @@ async fn send_index(
         let cache = HashCache::open(cache);
         let mut found = Vec::new();
         let mut skipped = Vec::new();
-        let mut keep = |wire: &WirePath, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
+        let keep = |wire: &WirePath, is_dir: bool| !(is_dir && prune.iter().any(|p| p == wire));
         for u in &under {
             // A base that is a symlink is not followed (invariant 1).
             let base = if u.is_empty() {
@@ -503,7 +503,7 @@ async fn send_index(
             if !u.is_empty() && std::fs::symlink_metadata(&base).map(|m| !m.is_dir()).unwrap_or(true) {
                 continue;
             }
-            index::walk(&base, u, &mut keep, WalkOptions { clean_stale_temps: true }, &mut found, &mut skipped);
+            index::walk_parallel(&base, u, &keep, WalkOptions { clean_stale_temps: true }, &mut found, &mut skipped)?;
         }
         let hashed = index::hash_cached(found, &mut skipped, &|_| false, &cache);
         hashed.map(|(h, stats)| {
