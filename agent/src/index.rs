@@ -246,7 +246,7 @@ pub fn walk_parallel(
                 if crate::fault::hit("spawn-fail") {
                     return None;
                 }
-                std::thread::Builder::new().name("walk".into()).spawn_scoped(s, &work).ok()
+                std::thread::Builder::new().name("walk".into()).spawn_scoped(s, work).ok()
             })
             .collect();
         let mut take = |r: std::thread::Result<Vec<Sub>>| match r {
