@@ -121,6 +121,10 @@ pub fn throttled_proxy(
         for c in l.incoming().flatten() {
             t.connections.fetch_add(1, Relaxed);
             let Ok(s) = std::net::TcpStream::connect(upstream) else { continue };
+            // As a router or a VPN relays: each read goes on at once (with
+            // Nagle's algorithm a small write waits for the last one's ACK,
+            // up to 40 ms per round trip, which no link adds).
+            let _ = (c.set_nodelay(true), s.set_nodelay(true));
             for (mut a, mut b, up) in [(c.try_clone().unwrap(), s.try_clone().unwrap(), true), (s, c, false)] {
                 let (t, link) = (t.clone(), link.clone());
                 std::thread::spawn(move || {
