@@ -280,6 +280,18 @@ mod tests {
         d
     }
 
+    /// A tree of 1200 files, scanned 10 s from now (all settled) with a
+    /// cache at `at` in `dir`, which now holds their hashes.
+    fn stored() -> (tempfile::TempDir, tempfile::TempDir, PathBuf, HashStats) {
+        let d = tree(1200);
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("c");
+        let c = HashCache::open_at(at.clone(), later(10));
+        let (first, stats) = hash(scan(d.path()), &c);
+        c.store(&first);
+        (d, dir, at, stats)
+    }
+
     fn later(s: u64) -> SystemTime {
         SystemTime::now() + Duration::from_secs(s)
     }
@@ -295,13 +307,8 @@ mod tests {
     /// the cache, and they are the hashes of their content.
     #[test]
     fn a_settled_tree_is_read_once() {
-        let d = tree(1200);
-        let cache_dir = tempfile::tempdir().unwrap();
-        let at = cache_dir.path().join("c");
-        let c = HashCache::open_at(at.clone(), later(10));
-        let (first, stats) = hash(scan(d.path()), &c);
+        let (d, _dir, at, stats) = stored();
         assert_eq!(stats, HashStats { read: 1200, reused: 0 });
-        c.store(&first);
         let c = HashCache::open_at(at.clone(), later(20));
         let (second, stats) = hash(scan(d.path()), &c);
         assert_eq!(stats, HashStats { read: 0, reused: 1200 });
@@ -316,12 +323,7 @@ mod tests {
     /// read again: its ctime moved.
     #[test]
     fn a_changed_file_is_read_again() {
-        let d = tree(1200);
-        let dir = tempfile::tempdir().unwrap();
-        let at = dir.path().join("c");
-        let c = HashCache::open_at(at.clone(), later(10));
-        let (first, _) = hash(scan(d.path()), &c);
-        c.store(&first);
+        let (d, _dir, at, _) = stored();
         let f = d.path().join("f0007");
         let old = std::fs::metadata(&f).unwrap().modified().unwrap();
         std::fs::write(&f, "CONTENT 7").unwrap();
@@ -354,12 +356,7 @@ mod tests {
     /// others is ignored: every file is read, and hashed right.
     #[test]
     fn an_untrustworthy_cache_is_ignored() {
-        let d = tree(1200);
-        let dir = tempfile::tempdir().unwrap();
-        let at = dir.path().join("c");
-        let c = HashCache::open_at(at.clone(), later(10));
-        let (first, _) = hash(scan(d.path()), &c);
-        c.store(&first);
+        let (d, dir, at, _) = stored();
         let good = std::fs::read(&at).unwrap();
         let reads = |what: &str| {
             let c = HashCache::open_at(at.clone(), later(20));

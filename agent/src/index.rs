@@ -206,13 +206,11 @@ impl Visit for Shallow<'_> {
 
 /// [`walk`] on all cores, for a visitor with no state of its own (the
 /// agent's index): the top level here, then each top-level directory on
-/// whichever thread is free. The result is in the same order as
-/// [`walk`]'s. A walk is mostly `stat`s and directory reads, which run in
-/// parallel in the kernel. (The CLI's walk, whose visitor loads ignore
-/// files as it goes, shares its work out the same way in `sync::scan`.)
-///
-/// A helper thread that cannot be started costs speed; one that panics
-/// fails the walk (a partial walk must never pass for the whole tree).
+/// whichever thread is free ([`share_out`]). The result is in the same
+/// order as [`walk`]'s. A walk is mostly `stat`s and directory reads,
+/// which run in parallel in the kernel. (The CLI's walk, whose visitor
+/// loads ignore files as it goes, shares its work out the same way, with a
+/// filter per thread, in `sync::scan`.)
 pub fn walk_parallel(
     base: &Path,
     prefix: &WirePath,
@@ -224,48 +222,14 @@ pub fn walk_parallel(
     let mut top = Vec::new();
     walk(base, prefix, &mut Shallow { keep, descend: false }, opts, &mut top, skipped);
     let dirs: Vec<usize> = (0..top.len()).filter(|&i| top[i].kind == EntryKind::Dir).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(dirs.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    type Sub = (usize, Vec<Found>, Vec<Skipped>);
-    let work = || {
-        let mut done: Vec<Sub> = Vec::new();
-        loop {
-            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&i) = dirs.get(k) else { break };
-            let (mut found, mut sk) = (Vec::new(), Vec::new());
-            walk(&top[i].abs, &top[i].path, &mut Shallow { keep, descend: true }, opts, &mut found, &mut sk);
-            done.push((k, found, sk));
-        }
-        done
-    };
-    let mut subs: Vec<Option<(Vec<Found>, Vec<Skipped>)>> = (0..dirs.len()).map(|_| None).collect();
-    let mut failed = None;
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads)
-            .filter_map(|_| {
-                if crate::fault::hit("spawn-fail") {
-                    return None;
-                }
-                std::thread::Builder::new().name("walk".into()).spawn_scoped(s, work).ok()
-            })
-            .collect();
-        let mut take = |r: std::thread::Result<Vec<Sub>>| match r {
-            Ok(done) => done.into_iter().for_each(|(k, f, sk)| subs[k] = Some((f, sk))),
-            Err(p) => failed = Some(panic_message(&*p)),
-        };
-        take(std::panic::catch_unwind(std::panic::AssertUnwindSafe(&work)));
-        for h in helpers {
-            take(h.join());
-        }
-    });
-    if let Some(m) = failed {
-        return Err(ScanFailed(format!("a walking thread panicked: {m}")));
-    }
-    if subs.iter().any(Option::is_none) {
-        return Err(ScanFailed("a walking thread left directories unwalked".into()));
-    }
+    let (subs, _) = share_out(dirs.len(), "walking", &|| (), &|_, k| {
+        let (mut found, mut sk) = (Vec::new(), Vec::new());
+        let d = &top[dirs[k]];
+        walk(&d.abs, &d.path, &mut Shallow { keep, descend: true }, opts, &mut found, &mut sk);
+        (found, sk)
+    })?;
     // Each directory's subtree goes right after the directory.
-    let mut subs = subs.into_iter().flatten();
+    let mut subs = subs.into_iter();
     for f in top {
         let is_dir = f.kind == EntryKind::Dir;
         out.push(f);
@@ -275,6 +239,66 @@ pub fn walk_parallel(
         }
     }
     Ok(())
+}
+
+/// Runs `work(state, k)` for every `k` in `0..n` on all cores (up to 8
+/// threads): each thread takes the next `k` until none is left, with a
+/// state of its own from `init`, and this thread works too, so a helper
+/// thread that cannot be started costs only speed. Returns the results in
+/// the order of `k`, and each thread's state. A thread that panics fails
+/// the whole call: a partial walk or hash must never pass for the whole
+/// tree. `what` names the work in that error ("walking", "hashing").
+pub fn share_out<S: Send, T: Send>(
+    n: usize,
+    what: &str,
+    init: &(dyn Fn() -> S + Sync),
+    work: &(dyn Fn(&mut S, usize) -> T + Sync),
+) -> Result<(Vec<T>, Vec<S>), ScanFailed> {
+    let threads = std::thread::available_parallelism().map_or(1, |c| c.get()).clamp(1, 8).min(n.max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || {
+        let mut state = init();
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if k >= n {
+                break;
+            }
+            done.push((k, work(&mut state, k)));
+        }
+        (done, state)
+    };
+    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut states = Vec::with_capacity(threads);
+    let mut failed = None;
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                if crate::fault::hit("spawn-fail") {
+                    return None;
+                }
+                std::thread::Builder::new().name(what.into()).spawn_scoped(s, worker).ok()
+            })
+            .collect();
+        let mut take = |r: std::thread::Result<(Vec<(usize, T)>, S)>| match r {
+            Ok((done, state)) => {
+                done.into_iter().for_each(|(k, t)| slots[k] = Some(t));
+                states.push(state);
+            }
+            Err(p) => failed = Some(panic_message(&*p)),
+        };
+        take(std::panic::catch_unwind(std::panic::AssertUnwindSafe(worker)));
+        for h in helpers {
+            take(h.join());
+        }
+    });
+    if let Some(m) = failed {
+        return Err(ScanFailed(format!("a {what} thread panicked: {m}")));
+    }
+    if slots.iter().any(Option::is_none) {
+        return Err(ScanFailed(format!("a {what} thread left work undone")));
+    }
+    Ok((slots.into_iter().flatten().collect(), states))
 }
 
 /// xxh3-64 of a file's content, read in large blocks.
@@ -331,13 +355,14 @@ pub fn hash_cached(
     skip: &(dyn Fn(&Found) -> bool + Sync),
     cache: &HashCache,
 ) -> Result<(Vec<(Found, Entry)>, HashStats), ScanFailed> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let total_bytes: u64 = found.iter().map(|f| f.size).sum();
-    let hash_one = |f: Found| -> Result<(Found, Entry), Skipped> {
+    // Ok with whether the hash came from the cache.
+    let hash_one = |f: Found| -> Result<(Found, Entry, bool), Skipped> {
         if crate::fault::hit("hash-panic") {
             panic!("fault injected: hash-panic");
         }
-        let hash = if let Some(h) = cache.get(&f) {
+        let cached = cache.get(&f);
+        let hash = if let Some(h) = cached {
             h
         } else if f.kind == EntryKind::File && !skip(&f) {
             match hash_file(&f.abs) {
@@ -351,70 +376,29 @@ pub fn hash_cached(
             0
         };
         let e = Entry { path: f.path.clone(), kind: f.kind, size: f.size, mode: f.mode, hash, link: f.link.clone() };
-        Ok((f, e))
+        Ok((f, e, cached.is_some()))
     };
-    let results: Vec<Result<(Found, Entry), Skipped>> = if threads < 2 || total_bytes < (8 << 20) {
+    let results: Vec<Result<(Found, Entry, bool), Skipped>> = if total_bytes < (8 << 20) {
         found.into_iter().map(hash_one).collect()
     } else {
-        // Interleave files over the threads so large files spread out.
-        let mut parts: Vec<Vec<(usize, Found)>> = (0..threads).map(|_| Vec::new()).collect();
-        let n = found.len();
-        for (i, f) in found.into_iter().enumerate() {
-            parts[i % threads].push((i, f));
-        }
-        let mut slots: Vec<Option<Result<(Found, Entry), Skipped>>> = (0..n).map(|_| None).collect();
-        // Each part is taken by whoever gets to it first: its own thread,
-        // or this one when that thread could not be started.
-        type Part = std::sync::Mutex<Option<Vec<(usize, Found)>>>;
-        let parts: Vec<Part> = parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
-        let take = |k: usize| parts[k].lock().unwrap_or_else(|e| e.into_inner()).take();
-        let work = |k: usize| take(k).into_iter().flatten().map(|(i, f)| (i, hash_one(f))).collect::<Vec<_>>();
-        let failed = std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            for k in 1..parts.len() {
-                let spawned = match crate::fault::hit("spawn-fail") {
-                    true => Err(std::io::Error::other("fault injected: spawn-fail")),
-                    false => std::thread::Builder::new().name("hash".into()).spawn_scoped(s, move || work(k)),
-                };
-                if let Ok(h) = spawned {
-                    handles.push(h);
-                }
-            }
-            let mut failed = None;
-            for k in 0..parts.len() {
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(k))) {
-                    Ok(done) => done.into_iter().for_each(|(i, r)| slots[i] = Some(r)),
-                    Err(p) => failed = Some(panic_message(&*p)),
-                }
-            }
-            for h in handles {
-                match h.join() {
-                    Ok(done) => done.into_iter().for_each(|(i, r)| slots[i] = Some(r)),
-                    Err(p) => failed = Some(panic_message(&*p)),
-                }
-            }
-            failed
-        });
-        if let Some(m) = failed {
-            return Err(ScanFailed(format!("a hashing thread panicked: {m}")));
-        }
-        if slots.iter().any(Option::is_none) {
-            return Err(ScanFailed("a hashing thread left files unhashed".into()));
-        }
-        slots.into_iter().flatten().collect()
+        // Each file is taken by whichever thread gets to it first.
+        let files: Vec<std::sync::Mutex<Option<Found>>> =
+            found.into_iter().map(|f| std::sync::Mutex::new(Some(f))).collect();
+        let take = |k: usize| files[k].lock().unwrap_or_else(|e| e.into_inner()).take();
+        share_out(files.len(), "hashing", &|| (), &|_, k| take(k).map(hash_one))?.0.into_iter().flatten().collect()
     };
     let mut out = Vec::with_capacity(results.len());
     let mut stats = HashStats::default();
     for r in results {
         match r {
-            Ok(x) => {
-                if x.0.kind == EntryKind::File && x.1.hash != 0 {
-                    match cache.get(&x.0) {
-                        Some(_) => stats.reused += 1,
-                        None => stats.read += 1,
+            Ok((f, e, cached)) => {
+                if f.kind == EntryKind::File && e.hash != 0 {
+                    match cached {
+                        true => stats.reused += 1,
+                        false => stats.read += 1,
                     }
                 }
-                out.push(x)
+                out.push((f, e))
             }
             Err(s) => skipped.push(s),
         }

@@ -202,75 +202,34 @@ fn scan_rule(
     };
     index::walk(&from, &to, &mut visit, WalkOptions::default(), &mut top, skipped);
     let dirs: Vec<usize> = (0..top.len()).filter(|&i| top[i].kind == EntryKind::Dir).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(dirs.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut base = rule.filter.clone();
     base.warnings.clear();
-    // Each worker takes the next directory until none is left; this thread
-    // works too, so a helper thread that cannot be started costs only speed.
-    let work = |mut filter: Filter| {
-        let mut done = Vec::new();
-        loop {
-            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&i) = dirs.get(k) else { break };
-            let mut sub = Subtree::default();
-            let mut v = RuleVisit {
-                from: from.clone(),
-                to: to.clone(),
-                filter: &mut filter,
-                pruned: &mut sub.pruned,
-                watch,
-                watch_errors: &mut sub.watch_errors,
-                descend: true,
-            };
-            let d = &top[i];
-            index::walk(&d.abs, &d.path, &mut v, WalkOptions::default(), &mut sub.found, &mut sub.skipped);
-            done.push((k, sub));
-        }
-        (done, filter)
-    };
-    let mut results = Vec::new();
-    let mut failed = None;
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads)
-            .filter_map(|_| {
-                if devloop_agent::fault::hit("spawn-fail") {
-                    return None;
-                }
-                let (work, filter) = (&work, base.clone());
-                std::thread::Builder::new().name("scan".into()).spawn_scoped(s, move || work(filter)).ok()
-            })
-            .collect();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(base.clone()))) {
-            Ok(r) => results.push(r),
-            Err(p) => failed = Some(index::panic_message(&*p)),
-        }
-        for h in helpers {
-            match h.join() {
-                Ok(r) => results.push(r),
-                Err(p) => failed = Some(index::panic_message(&*p)),
-            }
-        }
-    });
-    if let Some(m) = failed {
-        return Err(ScanFailed(format!("a walking thread panicked: {m}")));
+    // Each thread walks with its own copy of the filter (it loads the
+    // ignore files it finds), merged back after.
+    let (subtrees, filters) = index::share_out(dirs.len(), "walking", &|| base.clone(), &|filter, k| {
+        let mut sub = Subtree::default();
+        let mut v = RuleVisit {
+            from: from.clone(),
+            to: to.clone(),
+            filter,
+            pruned: &mut sub.pruned,
+            watch,
+            watch_errors: &mut sub.watch_errors,
+            descend: true,
+        };
+        let d = &top[dirs[k]];
+        index::walk(&d.abs, &d.path, &mut v, WalkOptions::default(), &mut sub.found, &mut sub.skipped);
+        sub
+    })?;
+    for f in filters {
+        rule.filter.absorb(f);
     }
-    let mut subtrees: Vec<Option<Subtree>> = (0..dirs.len()).map(|_| None).collect();
-    for (done, filter) in results {
-        rule.filter.absorb(filter);
-        for (k, sub) in done {
-            subtrees[k] = Some(sub);
-        }
-    }
-    if subtrees.iter().any(Option::is_none) {
-        return Err(ScanFailed("a walking thread left directories unwalked".into()));
-    }
-    // Each directory's subtree goes right after the directory.
     let mut subtrees = subtrees.into_iter();
+    // Each directory's subtree goes right after the directory.
     for f in top {
         let is_dir = f.kind == EntryKind::Dir;
         found.push(f);
-        if let Some(sub) = is_dir.then(|| subtrees.next().flatten()).flatten() {
+        if let Some(sub) = is_dir.then(|| subtrees.next()).flatten() {
             found.extend(sub.found);
             pruned.extend(sub.pruned);
             skipped.extend(sub.skipped);
